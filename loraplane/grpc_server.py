@@ -1,0 +1,136 @@
+"""What both servers share: listening (plain or TLS), health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplane.errors import invalid_argument
+from loraplane.v1.health_pb2 import HealthProbe
+
+logger = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 8 << 20
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def probe_name(probe: int) -> str:
+    return HealthProbe.Name(probe).removeprefix("HEALTH_PROBE_").lower()
+
+
+LIVENESS = probe_name(HealthProbe.HEALTH_PROBE_LIVENESS)
+STARTUP = probe_name(HealthProbe.HEALTH_PROBE_STARTUP)
+READINESS = probe_name(HealthProbe.HEALTH_PROBE_READINESS)
+
+
+def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
+    if not cert:
+        return None
+    ca = Path(client_ca).read_bytes() if client_ca else None
+    return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request message are INVALID_ARGUMENT, not UNKNOWN.
+
+    grpc reports a request deserializer's exception as UNKNOWN; here the deserializer hands the
+    failure to the method instead, which refuses it with the documented status. Methods with a
+    request stream are left alone (none of ours has one).
+    """
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserializer(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - any parse failure is the client's bad bytes
+                return _Undecodable(e)
+
+        def refuse(request, context):
+            error = invalid_argument("request", f"request is not a valid message for {details.method}: "
+                                     f"{type(request.error).__name__}")
+            return context.abort_with_status(error.to_status())
+
+        behavior = handler.unary_unary or handler.unary_stream
+        if inspect.isasyncgenfunction(behavior):
+            async def wrapped(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for item in behavior(request, context):
+                    yield item
+        else:
+            async def wrapped(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await behavior(request, context)
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+        return make(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+class GrpcServer:
+    """A grpc.aio server with health (one status per service name) and reflection."""
+
+    def __init__(self, service_names: list[str], interceptors=(), options=()):
+        # Last, so the interceptors before it (auth) refuse a call before its bytes are looked at.
+        interceptors = [*interceptors, UndecodableRequestInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+            *options])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            self.server)
+        self.port = 0
+
+    def listen(self, address: str, credentials=None) -> int:
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        if not self.port:
+            raise OSError(f"could not listen on {address}")
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness (and "" and every service name); the first SERVING also passes startup."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ["", READINESS, *self.service_names]:
+            await self.health.set(name, status)
+        if serving:
+            await self.health.set(STARTUP, SERVING)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.health.set(STARTUP, NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
+        await self.server.start()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
