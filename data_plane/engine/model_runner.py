@@ -1,0 +1,88 @@
+"""Turns a scheduled batch into tensors, runs the model once, and samples one token per request.
+
+Inputs are built with a handful of vectorised ops per step (no per-token Python), on the host,
+then moved to the device in one go per tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data_plane.engine.kv_cache import KVCache
+from data_plane.engine.request import Request
+from data_plane.engine.sampler import Sampler
+from data_plane.engine.scheduler import Batch
+from data_plane.lora.layers import LoraSlots
+from data_plane.models.attention import AttentionContext
+from data_plane.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, block_size: int, loras: LoraSlots | None,
+                 device: torch.device):
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.loras = loras
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[int]:
+        return self.sampler(self.compute_logits(batch), batch.requests)
+
+    @torch.inference_mode()
+    def compute_logits(self, batch: Batch) -> torch.Tensor:
+        """[B, vocab] fp32 logits of each request's next token."""
+        requests = batch.requests
+        tables = _block_tables(requests)
+        if batch.is_prefill:
+            input_ids, positions, seq_of_token, bounds = _prefill_tokens(requests)
+        else:
+            input_ids = torch.tensor([r.last_token_id for r in requests])
+            positions = torch.tensor([r.num_tokens - 1 for r in requests])
+            seq_of_token, bounds = torch.arange(len(requests)), ()
+        bs = self.block_size
+        slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
+        ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device), batch.is_prefill, bounds,
+                               sliding_window=self.model.args.sliding_window)
+        if not batch.is_prefill:
+            ctx.block_tables = tables.to(self.device)
+            ctx.decode_mask = self._decode_mask(positions, tables.shape[1] * bs).to(self.device)
+        if self.loras is not None:
+            slots = torch.tensor([r.lora_slot for r in requests], dtype=torch.int32)
+            self.loras.set_batch(slots[seq_of_token].to(self.device) if (slots >= 0).any() else None)
+        hidden = self.model(input_ids.to(self.device), positions.to(self.device), ctx)
+        if batch.is_prefill:  # only each sequence's last token is sampled from
+            hidden = hidden[torch.tensor([end - 1 for _, end in bounds], device=self.device)]
+        return self.model.compute_logits(hidden)
+
+    def _decode_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, 1, 1, L] additive: key j is visible to the query at position p when j <= p (and in the window)."""
+        keys = torch.arange(length)[None, :]
+        visible = keys <= positions[:, None]
+        window = self.model.args.sliding_window
+        if window is not None:
+            visible &= keys > positions[:, None] - window
+        mask = torch.zeros(visible.shape, dtype=self.kv.k.dtype).masked_fill_(~visible, float("-inf"))
+        return mask[:, None, None, :]
+
+
+def _prefill_tokens(requests: tuple[Request, ...]):
+    """Flat input ids, positions, sequence index of each token, [start, end) of each sequence.
+
+    Every prefill starts at position 0: there is no prefix cache, and preemption recomputes.
+    """
+    ids = [torch.tensor(r.all_token_ids) for r in requests]
+    lens = torch.tensor([len(t) for t in ids])
+    starts = torch.cumsum(lens, 0) - lens
+    seq_of_token = torch.repeat_interleave(torch.arange(len(requests)), lens)
+    positions = torch.arange(int(lens.sum())) - starts[seq_of_token]
+    bounds = tuple((s, s + n) for s, n in zip(starts.tolist(), lens.tolist(), strict=True))
+    return torch.cat(ids), positions, seq_of_token, bounds
+
+
+def _block_tables(requests: tuple[Request, ...]) -> torch.Tensor:
+    """[B, max_blocks] int64, padded with block 0 (never read unmasked)."""
+    width = max(len(r.block_table) for r in requests)
+    return torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests])

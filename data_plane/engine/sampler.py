@@ -1,0 +1,42 @@
+"""Next-token choice per request: greedy, or temperature / top-k / top-p sampling.
+
+Every sampled request draws from its own torch.Generator, and every operation here is
+row-wise, so a seeded request samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data_plane.engine.request import Request
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[Request] | tuple[Request, ...]) -> list[int]:
+        """logits [B, vocab] fp32, one row per request -> one token id per request."""
+        tokens = logits.max(dim=-1).indices  # first maximum, like argmax, and faster on CPU
+        rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
+        if rows:
+            sampled = [requests[i] for i in rows]
+            probs, order = _filtered_probs(logits[rows], sampled)
+            picks = [torch.multinomial(probs[j], 1, generator=r.generator) for j, r in enumerate(sampled)]
+            chosen = order.gather(1, torch.stack(picks))
+            tokens[rows] = chosen.squeeze(1)
+        return tokens.tolist()
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (descending) probabilities after temperature, top-k and top-p, and the sort order."""
+    device = logits.device
+    temps = torch.tensor([r.sampling.temperature for r in requests], device=device)
+    top_k = torch.tensor([r.sampling.top_k or logits.shape[1] for r in requests], device=device)
+    top_p = torch.tensor([r.sampling.top_p for r in requests], device=device)
+    logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=device)
+    logits = logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+    mass_before = probs.cumsum(dim=-1) - probs
+    # top_p == 1 keeps everything, even tokens past a cumulative sum that rounds to 1.
+    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (top_p[:, None] < 1), 0.0)
+    return probs, order

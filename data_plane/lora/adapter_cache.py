@@ -1,0 +1,128 @@
+"""The three adapter tiers behind one door: GPU slots <- CPU LRU <- local disk <- control plane.
+
+`acquire(ref)` makes an adapter CPU-resident and holds it there for one request; the engine
+thread moves it into a GPU slot when the request is scheduled. A miss at every tier resolves
+the adapter with the control plane and streams it; concurrent misses share one fetch. The
+engine addresses adapters by key "name@version", so an updated adapter never mixes with the
+old version still serving in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from data_plane.lora.cpu_cache import CpuCache
+from data_plane.lora.disk_cache import DiskCache
+from data_plane.lora.fetcher import Fetcher
+from loraplane.adapter_format import NormalizedAdapter
+from loraplane.names import parse_reference
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_key(name: str, version: str) -> str:
+    return f"{name}@{version}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    version: str
+    key: str
+
+
+class AdapterCache:
+    def __init__(self, fetcher: Fetcher, cpu: CpuCache, disk: DiskCache, metrics=None):
+        self.fetcher = fetcher
+        self.cpu = cpu
+        self.disk = disk
+        self.metrics = metrics
+        self.versions: dict[str, str] = {}      # name -> version this replica serves for it
+        self.pinned: set[str] = set()            # names pinned in the registry
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._retired: set[str] = set()          # keys to drop once their last request ends
+
+    def _hit(self, tier: str, hit: bool) -> None:
+        if self.metrics:
+            self.metrics.cache_lookup(tier, hit)
+
+    async def acquire(self, ref: str) -> Lease:
+        """Hold `ref` ("name" or "name@version") in the CPU tier for one request."""
+        name, version = parse_reference(ref, "adapter")
+        if not version:
+            version = self.versions.get(name) or ""
+            if not version or not (adapter_key(name, version) in self.cpu or version in self.disk):
+                # Unknown here, or known but no longer cached: ask the control plane what is current.
+                version = (await self.fetcher.resolve(name)).version
+        key = adapter_key(name, version)
+        # One lookup per request: a hit if the CPU tier had it, one miss however long the load takes
+        # (a request that waits on another's in-flight load is still one miss, not one per retry).
+        hit = self.cpu.acquire(key)
+        self._hit("cpu", hit)
+        while not hit:
+            await self._load(name, version, key)
+            hit = self.cpu.acquire(key)
+        self.versions.setdefault(name, version)
+        return Lease(name, version, key)
+
+    def release(self, lease: Lease) -> None:
+        for key in self.cpu.release(lease.key):
+            self._evicted("cpu", key)
+        if lease.key in self._retired and self.cpu.refs(lease.key) == 0:
+            self.cpu.remove(lease.key)
+
+    async def _load(self, name: str, version: str, key: str) -> None:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load_once(name, version, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _load_once(self, name: str, version: str, key: str) -> None:
+        t0 = time.perf_counter()
+        data = await asyncio.to_thread(self.disk.get, version) if version in self.disk else None
+        self._hit("disk", data is not None)
+        source = "disk"
+        if data is None:
+            data = await self.fetcher.fetch(name, version)
+            source = "control_plane"
+            for v in await asyncio.to_thread(self.disk.put, version, data):
+                self._evicted("disk", v)
+        adapter = await asyncio.to_thread(NormalizedAdapter.from_bytes, data)
+        for evicted in self.cpu.put(key, adapter):
+            self._evicted("cpu", evicted)
+        if self.metrics:
+            self.metrics.adapter_loaded(source, time.perf_counter() - t0)
+        logger.info("adapter %s loaded into the CPU tier from %s in %.0f ms", key, source,
+                    (time.perf_counter() - t0) * 1e3)
+
+    def _evicted(self, tier: str, what: str) -> None:
+        if self.metrics:
+            self.metrics.evicted(tier)
+        logger.debug("evicted %s from the %s tier", what, tier)
+
+    def retire(self, name: str) -> str | None:
+        """The registry deleted or replaced `name`: forget its version; returns the retired key."""
+        version = self.versions.pop(name, None)
+        if version is None:
+            return None
+        key = adapter_key(name, version)
+        self._retired.add(key)
+        if not self.cpu.remove(key):
+            logger.info("adapter %s retired; it leaves the CPU tier when its requests finish", key)
+        return key
+
+    def is_retired(self, key: str) -> bool:
+        return key in self._retired
+
+    def cached_keys(self) -> dict[str, str]:
+        """key -> name for everything in the CPU tier or known on disk."""
+        keys = {k: k.split("@", 1)[0] for k in self.cpu.keys()}
+        for name, version in self.versions.items():
+            if version in self.disk:
+                keys.setdefault(adapter_key(name, version), name)
+        return keys

@@ -1,0 +1,67 @@
+"""Attention over a paged KV cache, with torch SDPA.
+
+The cache of one layer is [num_blocks, block_size, kv_heads, head_dim]; a token's K/V lives at
+flat slot `block * block_size + offset`. Prefill attends within the fresh tokens of each
+sequence (the engine recomputes after preemption, so a prefill never has a cached prefix);
+decode gathers each sequence's blocks and masks past its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionContext:
+    k_cache: torch.Tensor                    # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor               # [T] int64, cache slot written by each token
+    is_prefill: bool
+    seq_bounds: tuple[tuple[int, int], ...]  # prefill: [start, end) of each sequence in the batch
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
+    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, max_blocks * block_size], 0 or -inf
+    sliding_window: int | None = None
+
+
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    ctx: AttentionContext) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] for the batch's new tokens -> [T, H * D]."""
+    k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
+    if ctx.is_prefill:
+        return _prefill(q, k, v, ctx)
+    batch, heads, _ = q.shape
+    flat_blocks = ctx.block_tables.flatten()
+    # [B * blocks, block_size, KVH, D] -> [B, KVH, L, D]; index_select beats advanced indexing here.
+    keys = k_cache.index_select(0, flat_blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat_blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    # One query token per sequence: the query heads sharing a KV head go in as that head's
+    # "query positions", so SDPA needs no GQA expansion of the gathered keys and values.
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=ctx.decode_mask)
+    return out.reshape(batch, -1)
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    for start, end in ctx.seq_bounds:
+        n = end - start
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if ctx.sliding_window is not None and n > ctx.sliding_window:
+            mask = _window_mask(n, ctx.sliding_window, q.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1).reshape(n, -1)
+    return out
+
+
+def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)

@@ -1,0 +1,148 @@
+"""The data-plane process: engine thread, adapter tiers, GenerationService + AdapterCacheService,
+registry events, heartbeat, metrics, health and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from redis.exceptions import RedisError
+
+from control_plane.registry import Registry
+from data_plane.engine.config import EngineConfig
+from data_plane.engine.engine import Engine
+from data_plane.engine.request import SamplingParams
+from data_plane.lora.adapter_cache import AdapterCache
+from data_plane.lora.cpu_cache import CpuCache
+from data_plane.lora.disk_cache import DiskCache
+from data_plane.lora.fetcher import Fetcher, FetcherConfig
+from data_plane.lora.slot_table import SlotTable
+from data_plane.server.cache_service import CacheServicer
+from data_plane.server.config import DataPlaneConfig
+from data_plane.server.engine_loop import EngineLoop
+from data_plane.server.events import RegistryWatcher
+from data_plane.server.generation_service import GenerationServicer
+from data_plane.server.heartbeat import heartbeat
+from data_plane.server.metrics import Metrics
+from loraplane.auth import BearerTokenInterceptor
+from loraplane.grpc_server import GrpcServer, install_signal_handlers, server_credentials
+from loraplane.v1 import (
+    cache_service_pb2,
+    cache_service_pb2_grpc,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+GENERATION_SERVICE = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+CACHE_SERVICE = cache_service_pb2.DESCRIPTOR.services_by_name["AdapterCacheService"].full_name
+MAX_QUEUE_FACTOR = 8  # queued + running requests a replica accepts, per max_num_seqs
+
+
+class DataPlane:
+    def __init__(self, config: DataPlaneConfig):
+        self.config = config
+        self.engine_loop: EngineLoop | None = None
+        self.grpc: GrpcServer | None = None
+        self.registry: Registry | None = None
+        self.watcher: RegistryWatcher | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._metrics_server = None
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port if self.grpc else 0
+
+    def _engine(self) -> Engine:
+        c = self.config
+        engine = Engine(EngineConfig(model=c.model, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
+                                     max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len, dtype=c.dtype,
+                                     device=c.device, kv_cache_bytes=c.kv_cache_bytes))
+        # Warm up (allocator, kernels, lazy imports) before readiness says SERVING.
+        engine.generate([[0, 1, 2]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+        return engine
+
+    async def start(self) -> DataPlane:
+        c = self.config
+        model_name = Path(c.model).name or c.model
+        engine = await asyncio.to_thread(self._engine)
+        cpu = CpuCache(c.max_cpu_loras, c.max_cpu_lora_bytes, pin_memory=c.device.startswith("cuda"))
+        disk = DiskCache(c.disk_cache_dir, c.disk_cache_bytes)
+        slots = SlotTable(c.max_loras, c.max_pinned_loras)
+        self.metrics = Metrics(lambda: self.engine_loop.stats, model_name, c.max_loras)
+        self.engine_loop = EngineLoop(engine, cpu, slots, on_promote=self.metrics.promoted)
+        ca = Path(c.control_plane_ca).read_bytes() if c.control_plane_ca else None
+        client_cert = ((Path(c.control_plane_client_key).read_bytes(), Path(c.control_plane_client_cert).read_bytes())
+                       if c.control_plane_client_cert else None)
+        self.fetcher = Fetcher(FetcherConfig(c.control_plane, c.distribution_token, root_certificates=ca,
+                                             client_cert=client_cert,
+                                             timeout_s=c.fetch_timeout_s, retries=c.fetch_retries))
+        self.cache = AdapterCache(self.fetcher, cpu, disk, self.metrics)
+        info = generation_service_pb2.GetModelInfoResponse(
+            model=model_name, architecture=engine.spec.architecture, max_model_len=c.max_model_len,
+            max_loras=c.max_loras, max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
+            dtype=str(engine.dtype).removeprefix("torch."), vocab_size=engine.spec.vocab_size,
+            replica_id=c.replica_id, device=c.device)
+        self.generation = GenerationServicer(self.engine_loop, self.cache, self.metrics, info,
+                                             max_queue=c.max_num_seqs * MAX_QUEUE_FACTOR)
+        tokens = {CACHE_SERVICE: [c.admin_token]} if c.admin_token else {}
+        self.grpc = GrpcServer([GENERATION_SERVICE, CACHE_SERVICE], [BearerTokenInterceptor(tokens)])
+        generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.grpc.server)
+        cache_service_pb2_grpc.add_AdapterCacheServiceServicer_to_server(
+            CacheServicer(self.engine_loop, self.cache), self.grpc.server)
+        self.grpc.listen(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        self.engine_loop.start()
+        await self.grpc.start()
+        address = c.advertise_address or c.listen.replace("0.0.0.0", "127.0.0.1").rsplit(":", 1)[0] + f":{self.port}"
+        if c.redis_url:
+            self.registry = Registry.from_url(c.redis_url, c.redis_prefix)
+            self.watcher = RegistryWatcher(self.registry, self.cache, self.engine_loop)
+            self._tasks += [asyncio.create_task(self.watcher.run()), asyncio.create_task(heartbeat(
+                self.registry, c.replica_id, address, model_name, self.engine_loop, self.cache, c.heartbeat_s))]
+        else:
+            logger.warning("no --redis-url: no registry events (pins, deletes) and no heartbeat")
+        if c.metrics_port is not None:
+            self._metrics_server = self.metrics.serve(c.metrics_port)
+        await self.grpc.set_serving(True)
+        logger.info("data plane %s serving %s on port %d (%s, max_loras=%d, control plane %s)", c.replica_id,
+                    model_name, self.port, c.device, c.max_loras, c.control_plane)
+        return self
+
+    async def stop(self) -> None:
+        """Drain: refuse new requests, let in-flight streams finish within the grace period, then stop."""
+        if self.generation is not None:
+            self.generation.draining = True
+        if self.grpc:
+            await self.grpc.set_serving(False)
+            logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active,
+                        self.config.grace_period_s)
+            await self.grpc.stop(self.config.grace_period_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.engine_loop:
+            await asyncio.to_thread(self.engine_loop.stop)
+        await self.fetcher.close()
+        if self.registry:
+            with contextlib.suppress(RedisError):  # best effort: the TTL removes it anyway
+                await self.registry.client.delete(self.registry.replica_key(self.config.replica_id))
+            await self.registry.close()
+        if self._metrics_server:
+            server, _thread = self._metrics_server
+            server.shutdown()
+        logger.info("data plane stopped")
+
+
+async def serve(config: DataPlaneConfig) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    plane = await DataPlane(config).start()
+    try:
+        await stop.wait()
+        logger.info("signal received: draining")
+    finally:
+        await plane.stop()

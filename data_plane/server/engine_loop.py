@@ -1,0 +1,237 @@
+"""The engine thread: commands in, per-request output deltas out.
+
+The Engine is not thread-safe, so everything that touches it runs here, between steps:
+requests added or aborted by the gRPC handlers, and adapters moved from the CPU tier into GPU
+slots when a waiting request needs them. Each step is schedule -> run -> postprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from data_plane.engine.engine import Engine
+from data_plane.engine.request import RequestOutput
+from data_plane.lora.cpu_cache import CpuCache
+from data_plane.lora.slot_table import SlotTable
+from loraplane.errors import LoraplaneError
+from loraplane.v1 import errors_pb2 as R
+
+logger = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot published after every step, for metrics and heartbeats (read from other threads)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    gpu_adapters: tuple[str, ...] = ()
+    free_slots: int = 0
+
+
+def _deliver(items: list) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, cpu: CpuCache, slots: SlotTable, on_promote: Callable | None = None):
+        self.engine = engine
+        self.cpu = cpu
+        self.slots = slots
+        self.on_promote = on_promote  # (key, seconds, evicted key or None), for metrics
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.steps = 0
+        self._pending_evictions: set[str] = set()   # engine thread only
+        self.stats = EngineStats(free_slots=slots.num_slots)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(30)
+
+    # ---- called from other threads ----------------------------------------------------------
+
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) in the engine thread between steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        return future
+
+    async def acall(self, fn: Callable[[Engine], object]):
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def submit(self, prompt, sampling, adapter_key: str | None, request_id: str) -> asyncio.Queue:
+        """Queue a request; its RequestOutputs arrive on the returned asyncio queue."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def add(engine: Engine):
+            rid = engine.add_request(prompt, sampling, adapter_key, request_id)
+            self._streams[rid] = (loop, outputs)
+            return rid
+
+        await self.acall(add)
+        return outputs
+
+    # ---- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._iteration()
+            except Exception:  # noqa: BLE001 - one bad batch must not take the replica down
+                logger.exception("engine step failed; failing its running requests and carrying on")
+                self._fail_running()
+        logger.info("engine loop stopped after %d steps", self.steps)
+
+    def _iteration(self) -> None:
+        busy = self.engine.has_unfinished()
+        self._drain_commands(block=not busy)
+        if self._stop.is_set():
+            return
+        self._evict_pending()
+        self._promote_waiting()
+        if not self.engine.has_unfinished():
+            self._publish_stats()
+            return
+        outputs = self.engine.step()
+        self.steps += 1
+        self._publish_stats()
+        if outputs:
+            self._dispatch(outputs)
+        else:  # everything waits on adapters or KV: do not spin
+            self._drain_commands(block=True)
+
+    def _fail_running(self) -> None:
+        """Abort the running requests (freeing their KV and slots) and tell their streams why."""
+        error = LoraplaneError(R.ERROR_REASON_ENGINE_FAILURE,
+                               "the engine failed while running this request's batch; it was logged, retry")
+        for request in list(self.engine.scheduler.running):
+            self.engine.abort(request.request_id)
+            target = self._streams.pop(request.request_id, None)
+            if target is not None:
+                loop, q = target
+                loop.call_soon_threadsafe(q.put_nowait, error)
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        sched = self.engine.scheduler
+        blocks = self.engine.blocks
+        self.stats = EngineStats(
+            running=len(sched.running), waiting=len(sched.waiting),
+            kv_usage=blocks.num_used / blocks.num_blocks if blocks.num_blocks else 0.0,
+            running_adapters=tuple(sorted(self.engine.adapters_in_use())),
+            waiting_adapters=tuple(self.engine.waiting_adapters()),
+            gpu_adapters=tuple(self.slots.keys()), free_slots=self.slots.free_slots)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:  # noqa: BLE001 - handed to the caller, who re-raises it
+                    future.set_exception(e)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop per step, not one per request: at 32 streams the per-output
+        # call_soon_threadsafe cost was a measurable share of the serving overhead.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is None:
+                continue
+            loop, q = target
+            by_loop.setdefault(loop, []).append((q, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        for key in self.engine.adapters_in_use():
+            self.slots.touch(key)
+
+    def _promote_waiting(self) -> None:
+        # Oldest waiting request first, and never evict what an older waiting request needs: with
+        # more adapters waiting than free slots, each promotion used to evict the adapter placed
+        # just before it in the same pass (measured: 1.6 slot loads per request at 1,000 adapters).
+        keep = set(self.engine.adapters_in_use())
+        wanted = dict.fromkeys(r.adapter for r in self.engine.scheduler.waiting if r.adapter is not None)
+        for key in wanted:
+            if self.slots.slot_of(key) is None and not self.promote(key, keep):
+                return
+            keep.add(key)
+
+    def promote(self, key: str, keep: set[str] | None = None) -> bool:
+        """Move `key` from the CPU tier into a GPU slot, evicting none of `keep` (default: the adapters
+        running requests use); False if no slot can be freed now."""
+        if self.slots.slot_of(key) is not None:
+            return True
+        adapter = self.cpu.get(key)
+        if adapter is None:
+            logger.warning("adapter %s is wanted on the GPU but not in the CPU tier", key)
+            return True  # not blocking the others: its request will get it once fetched again
+        choice = self.slots.choose(keep if keep is not None else self.engine.adapters_in_use())
+        if choice is None:
+            return False
+        slot, victim = choice
+        t0 = time.perf_counter()
+        try:
+            if victim is not None:
+                self.engine.evict_adapter(victim)
+                self.slots.removed(victim)
+            self.engine.load_adapter(key, slot, adapter)
+        except LoraplaneError as e:
+            logger.warning("could not load %s into slot %d: %s", key, slot, e)
+            return False
+        self.slots.placed(key, slot)
+        if self.on_promote:
+            self.on_promote(key, time.perf_counter() - t0, victim)
+        return True
+
+    def evict_later(self, key: str) -> bool:
+        """Engine thread only: evict `key` now, or as soon as its running requests finish."""
+        if self.evict(key):
+            return True
+        self._pending_evictions.add(key)
+        return False
+
+    def _evict_pending(self) -> None:
+        for key in list(self._pending_evictions):
+            if self.evict(key):
+                self._pending_evictions.discard(key)
+
+    def evict(self, key: str) -> bool:
+        """Engine thread only: take `key` out of its slot unless running requests use it."""
+        if self.slots.slot_of(key) is None:
+            return True
+        if key in self.engine.adapters_in_use():
+            return False
+        self.engine.evict_adapter(key)
+        self.slots.removed(key)
+        return True

@@ -1,0 +1,114 @@
+"""GenerationService: validate, take the adapter's lease, hand the request to the engine thread, relay deltas."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from data_plane.engine.request import FinishReason, SamplingParams
+from data_plane.lora.adapter_cache import AdapterCache
+from data_plane.server.engine_loop import EngineLoop
+from loraplane.errors import LoraplaneError, abort, invalid_argument
+from loraplane.v1 import errors_pb2 as R
+from loraplane.v1 import generation_service_pb2 as gen_pb2
+from loraplane.v1 import generation_service_pb2_grpc as gen_grpc
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 16
+# Below this a temperature is greedy, as in vLLM: logits / 1e-45 overflow to inf, and the NaN
+# probabilities that follow make torch.multinomial raise inside the engine thread.
+SAMPLING_EPS = 1e-5
+MAX_REQUEST_ID = 256
+FINISH = {FinishReason.STOP: gen_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: gen_pb2.FINISH_REASON_LENGTH,
+          FinishReason.ABORT: gen_pb2.FINISH_REASON_ABORT}
+
+
+def sampling_from_proto(s: gen_pb2.SamplingParams) -> SamplingParams:
+    """Proto defaults -> engine params; range checks happen in the engine (one place)."""
+    temperature = 0.0 if 0 < s.temperature < SAMPLING_EPS else s.temperature
+    return SamplingParams(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos)
+
+
+def prompt_from_proto(req: gen_pb2.GenerateRequest) -> str | list[int]:
+    if req.prompt and req.prompt_token_ids:
+        raise invalid_argument("prompt", "give prompt or prompt_token_ids, not both")
+    if not req.prompt and not req.prompt_token_ids:
+        raise invalid_argument("prompt", "prompt (or prompt_token_ids) is required")
+    return req.prompt or list(req.prompt_token_ids)
+
+
+class GenerationServicer(gen_grpc.GenerationServiceServicer):
+    def __init__(self, loop: EngineLoop, cache: AdapterCache, metrics, model_info: gen_pb2.GetModelInfoResponse,
+                 max_queue: int):
+        self.loop = loop
+        self.cache = cache
+        self.metrics = metrics
+        self.model_info = model_info
+        self.max_queue = max_queue
+        self.active = 0
+        self.draining = False
+
+    async def GetModelInfo(self, request, context):
+        return self.model_info
+
+    async def Generate(self, request, context):
+        arrival = time.perf_counter()
+        if self.draining:
+            await abort(context, LoraplaneError(R.ERROR_REASON_SERVER_NOT_READY,
+                                                "this replica is draining; retry on another"))
+        if self.active >= self.max_queue:
+            await abort(context, LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                                f"{self.active} requests already queued or running; retry later"))
+        rid = request.request_id or uuid.uuid4().hex
+        lease = None
+        finished = False
+        submitted = False  # only then is `rid` ours to abort: it may be another caller's request id
+        self.active += 1
+        try:
+            if len(rid) > MAX_REQUEST_ID:
+                raise invalid_argument("request_id", f"request_id is over {MAX_REQUEST_ID} characters")
+            prompt = prompt_from_proto(request)
+            sampling = sampling_from_proto(request.sampling)
+            if request.adapter:
+                lease = await self.cache.acquire(request.adapter)
+            self.metrics.adapter_requests.labels(lease.name if lease else "").inc()
+            submitted = True
+            try:
+                outputs = await self.loop.submit(prompt, sampling, lease.key if lease else None, rid)
+            except LoraplaneError:
+                submitted = False  # refused by the engine (e.g. a request id in use): nothing was queued
+                raise
+            self.metrics.queue_seconds.observe(time.perf_counter() - arrival)
+            last = None
+            while not finished:
+                out = await outputs.get()
+                if isinstance(out, LoraplaneError):  # the engine failed on this request's batch
+                    raise out
+                now = time.perf_counter()
+                if out.token_ids:
+                    (self.metrics.ttft_seconds.observe(now - arrival) if last is None
+                     else self.metrics.itl_seconds.observe(now - last))
+                    last = now
+                finished = out.finished
+                resp = gen_pb2.GenerateResponse(request_id=rid, token_ids=out.token_ids, text=out.text)
+                if finished:
+                    resp.finish_reason = FINISH[out.finish_reason]
+                    resp.usage.prompt_tokens = out.prompt_tokens
+                    resp.usage.completion_tokens = out.completion_tokens
+                    resp.adapter_version = lease.version if lease else ""
+                    self.metrics.request_seconds.labels(out.finish_reason.value).observe(now - arrival)
+                yield resp
+        except LoraplaneError as e:
+            await abort(context, e)
+        finally:
+            self.active -= 1
+            if submitted and not finished:
+                # Cancelled, past its deadline, or failed: free its KV blocks and slot now, not later.
+                self.loop.call(lambda engine: engine.abort(rid))
+            if lease is not None:
+                self.cache.release(lease)
