@@ -1,0 +1,206 @@
+"""TLS and mTLS on both servers and on the data plane's link to the control plane.
+
+Certificates are made at test time: a CA, a server certificate for 127.0.0.1/localhost, a client
+certificate, and a rogue CA with its own client certificate that nothing should trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplane.cli import main
+from loraplane.client import Client
+from loraplane.errors import LoraplaneError
+
+S = grpc.StatusCode
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_ca: Path
+    rogue_client_cert: Path
+    rogue_client_key: Path
+
+    def client_pair(self, rogue: bool = False) -> tuple[bytes, bytes]:
+        """(private key, certificate chain), as loraplane.Client takes them."""
+        if rogue:
+            return self.rogue_client_key.read_bytes(), self.rogue_client_cert.read_bytes()
+        return self.client_key.read_bytes(), self.client_cert.read_bytes()
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject_key, subject: str, issuer_key, issuer: str, *, ca: bool = False, server: bool = False):
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(subject_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    elif server:
+        builder = (builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    else:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, key=None, cert=None) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    if key is not None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+    else:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    pytest.importorskip("cryptography")
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, rogue_key = _key(), _key()
+    ca = _cert(ca_key, "loraplane test CA", ca_key, "loraplane test CA", ca=True)
+    rogue = _cert(rogue_key, "rogue CA", rogue_key, "rogue CA", ca=True)
+    server_key, client_key, rogue_client_key = _key(), _key(), _key()
+    return Pki(
+        ca=_write(d / "ca.pem", cert=ca),
+        server_cert=_write(d / "server.pem", cert=_cert(server_key, "localhost", ca_key, "loraplane test CA",
+                                                        server=True)),
+        server_key=_write(d / "server.key", key=server_key),
+        client_cert=_write(d / "client.pem", cert=_cert(client_key, "data-plane", ca_key, "loraplane test CA")),
+        client_key=_write(d / "client.key", key=client_key),
+        rogue_ca=_write(d / "rogue-ca.pem", cert=rogue),
+        rogue_client_cert=_write(d / "rogue-client.pem", cert=_cert(rogue_client_key, "intruder", rogue_key,
+                                                                    "rogue CA")),
+        rogue_client_key=_write(d / "rogue-client.key", key=rogue_client_key),
+    )
+
+
+def refused(call, code=S.UNAVAILABLE) -> LoraplaneError:
+    with pytest.raises(LoraplaneError) as e:
+        call()
+    assert e.value.code == code, e.value
+    return e.value
+
+
+def health_over_tls(address: str, pki: Pki, client_cert: bool = False) -> int:
+    key, chain = pki.client_pair() if client_cert else (None, None)
+    creds = grpc.ssl_channel_credentials(pki.ca.read_bytes(), key, chain)
+    with grpc.secure_channel(address, creds) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_control_plane_server_tls(cp_factory, pki, good_adapter, capsys):
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    ca = pki.ca.read_bytes()
+    with Client(cp.address, cp.token, tls=True, root_certificates=ca, timeout=10) as c:
+        assert c.create_adapter("secure", str(good_adapter), wait=True).state == 4
+        assert [a.name for a in c.list_adapters()] == ["secure"]
+        assert c.resolve_adapter("secure").name == "secure"
+    assert health_over_tls(cp.address, pki) == health_pb2.HealthCheckResponse.SERVING
+    # Plaintext, or TLS that trusts another CA, gets nowhere (and sends no token in the clear).
+    for client in (Client(cp.address, cp.token, timeout=5),
+                   Client(cp.address, cp.token, tls=True, root_certificates=pki.rogue_ca.read_bytes(), timeout=5)):
+        with client as c:
+            refused(lambda c=c: c.list_adapters_page())
+    # The admin token is still required over TLS.
+    with Client(cp.address, None, tls=True, root_certificates=ca, timeout=10) as c:
+        refused(lambda: c.list_adapters_page(), S.UNAUTHENTICATED)
+    # The CLI's --ca-cert path.
+    code = main(["adapters", "--address", cp.address, "--token", cp.token, "--ca-cert", str(pki.ca), "--json", "list"])
+    assert code == 0 and '"secure"' in capsys.readouterr().out
+
+
+def test_control_plane_mutual_tls(cp_factory, pki, good_adapter):
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    ca = pki.ca.read_bytes()
+    with Client(cp.address, cp.token, root_certificates=ca, client_cert=pki.client_pair(), timeout=10) as c:
+        assert c.create_adapter("mutual", str(good_adapter), wait=True).state == 4
+    for client_cert in (None, pki.client_pair(rogue=True)):
+        with Client(cp.address, cp.token, root_certificates=ca, client_cert=client_cert, timeout=5) as c:
+            refused(lambda c=c: c.get_adapter("mutual"))
+    assert health_over_tls(cp.address, pki, client_cert=True) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_data_plane_tls_both_ways(cp_factory, dp_factory, pki, good_adapter):
+    """Client -(mTLS)-> data plane -(mTLS)-> control plane: the adapter arrives over TLS and serves."""
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    ca = pki.ca.read_bytes()
+    with Client(cp.address, cp.token, root_certificates=ca, client_cert=pki.client_pair(), timeout=10) as c:
+        version = c.create_adapter("tls-adapter", str(good_adapter), wait=True).version
+    dp = dp_factory(cp.address, control_plane_ca=pki.ca, control_plane_client_cert=pki.client_cert,
+                    control_plane_client_key=pki.client_key, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                    tls_client_ca=pki.ca)
+    with Client(dp.address, root_certificates=ca, client_cert=pki.client_pair(), timeout=30) as c:
+        text, last = c.generate_text([1, 2, 3], "tls-adapter", max_tokens=4, ignore_eos=True)
+        assert last.adapter_version == version and last.usage.completion_tokens == 4
+    assert health_over_tls(dp.address, pki, client_cert=True) == health_pb2.HealthCheckResponse.SERVING
+    for client in (Client(dp.address, timeout=5), Client(dp.address, root_certificates=ca, timeout=5),
+                   Client(dp.address, root_certificates=ca, client_cert=pki.client_pair(rogue=True), timeout=5)):
+        with client as c:
+            refused(lambda c=c: c.get_model_info())
+
+
+def test_data_plane_refuses_a_control_plane_it_cannot_verify(cp_factory, dp_factory, pki, good_adapter):
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with Client(cp.address, cp.token, root_certificates=pki.ca.read_bytes(), timeout=10) as c:
+        c.create_adapter("unverified", str(good_adapter), wait=True)
+    for ca in (pki.rogue_ca, None):  # another CA, or plaintext against a TLS server
+        dp = dp_factory(cp.address, control_plane_ca=ca)
+        with dp.client(timeout=30) as c:
+            err = refused(lambda c=c: c.generate_text([1, 2, 3], "unverified", max_tokens=2))
+            assert err.reason_name == "CONTROL_PLANE_UNAVAILABLE"
+            assert c.generate_text([1, 2, 3], max_tokens=2)[1].usage.completion_tokens == 2  # base model still serves
+        assert dp.plane.fetcher.fetches == 0
+
+
+def test_tls_settings_that_would_silently_weaken_are_refused(base_model, pki):
+    from control_plane.config import ControlPlaneConfig
+    from data_plane.server.config import DataPlaneConfig
+
+    with pytest.raises(ValueError):
+        ControlPlaneConfig(base_model=str(base_model), tls_client_ca=pki.ca)
+    with pytest.raises(ValueError):
+        ControlPlaneConfig(base_model=str(base_model), tls_cert=pki.server_cert)
+    common = dict(model=str(base_model), control_plane="127.0.0.1:1", device="cpu")
+    for bad in (dict(tls_client_ca=pki.ca),  # mTLS asked for, but no server certificate: would run plaintext
+                dict(tls_key=pki.server_key),
+                dict(control_plane_client_cert=pki.client_cert)):
+        with pytest.raises(ValueError):
+            DataPlaneConfig(**common, **bad)

@@ -1,0 +1,117 @@
+"""Text in and out: tokenizer prompts, UTF-8 streaming deltas, stop strings, stop tokens, EOS."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_plane.engine.detokenizer import IncrementalDetokenizer
+from data_plane.engine.output_processor import OutputProcessor
+from data_plane.engine.request import FinishReason, Request, SamplingParams
+from tests.unit.engine_helpers import artifacts, make_engine, one_thread  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def engine(artifacts):  # noqa: F811
+    return make_engine(artifacts.model("llama", tokenizer=True), max_loras=1)
+
+
+def stream(engine, prompt, params):
+    """(token ids, text deltas, finish reason) of one request, step by step."""
+    rid = engine.add_request(prompt, params)
+    tokens, deltas, reason = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid
+            tokens.extend(out.token_ids)
+            deltas.append(out.text)
+            reason = out.finish_reason
+    return tokens, deltas, reason
+
+
+def test_detokenizer_holds_partial_characters_back(engine):
+    tok = engine.tokenizer
+    text = "ok 日本語 🎉 done"  # none of these characters is in the tokenizer's training corpus
+    ids = tok(text).input_ids
+    assert len(ids) > len(text)  # multi-byte characters split over several byte tokens
+    detok = IncrementalDetokenizer(tok, [])
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas.count("") >= 6  # the byte tokens that do not finish a character emit nothing
+    assert any(len(d.encode()) >= 3 for d in deltas)  # whole characters at once
+
+
+def test_detokenizer_uses_prompt_as_context(engine):
+    tok = engine.tokenizer
+    prompt, rest = tok("héllo").input_ids, tok(" wörld, ça va").input_ids
+    detok = IncrementalDetokenizer(tok, prompt)
+    assert "".join(detok.add(t) for t in rest) + detok.flush() == " wörld, ça va"
+
+
+def test_text_prompt_and_streamed_text_equal_decode(engine):
+    tokens, deltas, reason = stream(engine, "hello world, the quick", SamplingParams(max_tokens=40, ignore_eos=True))
+    assert reason is FinishReason.LENGTH and len(tokens) == 40
+    assert "".join(deltas) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_stop_string_ends_output_and_is_not_streamed(engine):
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    _, deltas, _ = stream(engine, "the lazy dog", params)
+    full = "".join(deltas)
+    stop = full[20:24]
+    assert len(stop) == 4 and stop.strip()
+    cut = full[:full.find(stop)]
+    tokens, deltas, reason = stream(engine, "the lazy dog", SamplingParams(max_tokens=60, ignore_eos=True,
+                                                                            stop=("no-such-text", stop)))
+    assert reason is FinishReason.STOP
+    assert "".join(deltas) == cut
+    assert all(stop not in d for d in deltas)
+    assert len(tokens) < 60
+
+
+def test_stop_token_id_is_kept_in_tokens(engine):
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    reference, _, _ = stream(engine, "naïve café", params)
+    stop_id = reference[5]
+    first = reference.index(stop_id)
+    tokens, _, reason = stream(engine, "naïve café", SamplingParams(max_tokens=30, ignore_eos=True,
+                                                                   stop_token_ids=(stop_id,)))
+    assert reason is FinishReason.STOP and tokens == reference[:first + 1]
+
+
+def test_eos_stops_unless_ignored():
+    processor = OutputProcessor(eos_token_ids=(7,), max_model_len=100)
+    stops = Request("a", [1, 2], SamplingParams(max_tokens=5), None)
+    assert processor.append_token(stops, 3) is None
+    assert processor.append_token(stops, 7) is FinishReason.STOP
+    ignores = Request("b", [1, 2], SamplingParams(max_tokens=2, ignore_eos=True), None)
+    assert processor.append_token(ignores, 7) is None
+    assert processor.append_token(ignores, 7) is FinishReason.LENGTH
+
+
+class _CharTokenizer:
+    """One character per token id: lets the hold-back logic be driven exactly."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_that_may_start_a_stop_string_is_held_back():
+    processor = OutputProcessor(eos_token_ids=(), max_model_len=100)
+    request = Request("r", [ord(">")], SamplingParams(max_tokens=20, stop=("END",)), None)
+    processor.track(request, IncrementalDetokenizer(_CharTokenizer(), request.prompt_token_ids))
+    sent = []
+    for ch in "abEN":
+        assert processor.append_token(request, ord(ch)) is None
+        sent.append(processor.output(request, None).text)
+    assert sent == ["a", "b", "", ""]  # "E", then "EN", could begin "END"
+    assert processor.append_token(request, ord("x")) is None
+    assert processor.output(request, None).text == "ENx"  # it did not
+    processor.append_token(request, ord("E"))
+    processor.output(request, None)
+    assert processor.append_token(request, ord("N")) is None
+    assert processor.append_token(request, ord("D")) is FinishReason.STOP
+    final = processor.output(request, FinishReason.STOP)
+    assert final.text == "" and final.finished and request.text == "abENx"
