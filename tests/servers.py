@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import faulthandler
+import sys
 import threading
 
 
@@ -15,7 +18,18 @@ class ServerThread:
         self.thread.start()
 
     def call(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._dump()
+            raise
+
+    def _dump(self) -> None:
+        """What the loop was doing when a call overran: every thread's stack and every task's."""
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        for task in list(asyncio.all_tasks(self.loop)):  # racy read of another loop: diagnostics only
+            task.print_stack(file=sys.stderr)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 CACHE_SERVICE = cache_service_pb2.DESCRIPTOR.services_by_name["AdapterCacheService"].full_name
 MAX_QUEUE_FACTOR = 8  # queued + running requests a replica accepts, per max_num_seqs
+STOP_STEP_S = 10.0  # the longest any one shutdown step may take past its own grace
 
 
 class DataPlane:
@@ -111,30 +112,46 @@ class DataPlane:
         return self
 
     async def stop(self) -> None:
-        """Drain: refuse new requests, let in-flight streams finish within the grace period, then stop."""
+        """Drain: refuse new requests, let in-flight streams finish within the grace period, then stop.
+
+        Every step is bounded, so a SIGTERM always ends the process: a step that overruns is logged
+        by name and the rest still run (a stuck close must not keep the replica holding its GPU).
+        """
         if self.generation is not None:
             self.generation.draining = True
         if self.grpc:
             await self.grpc.set_serving(False)
             logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active,
                         self.config.grace_period_s)
-            await self.grpc.stop(self.config.grace_period_s)
+            await _bounded("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
+                           self.config.grace_period_s + STOP_STEP_S)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_STEP_S)
+            for task in pending:
+                logger.error("stopping: background task %s ignored cancellation for %.0fs", task.get_name(),
+                             STOP_STEP_S)
         if self.engine_loop:
             await asyncio.to_thread(self.engine_loop.stop)
-        await self.fetcher.close()
+        await _bounded("closing the control-plane channel", self.fetcher.close())
         if self.registry:
             with contextlib.suppress(RedisError):  # best effort: the TTL removes it anyway
-                await self.registry.client.delete(self.registry.replica_key(self.config.replica_id))
-            await self.registry.close()
+                await _bounded("removing the heartbeat key",
+                               self.registry.client.delete(self.registry.replica_key(self.config.replica_id)))
+            await _bounded("closing the Redis connection", self.registry.close())
         if self._metrics_server:
             server, _thread = self._metrics_server
             server.shutdown()
         logger.info("data plane stopped")
+
+
+async def _bounded(what: str, step, timeout_s: float | None = None) -> None:
+    timeout_s = STOP_STEP_S if timeout_s is None else timeout_s
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
+        logger.error("stopping: %s took over %.0fs; going on without it", what, timeout_s)
 
 
 async def serve(config: DataPlaneConfig) -> None:
