@@ -31,6 +31,7 @@ from data_plane.engine.config import EngineConfig
 from data_plane.engine.engine import Engine
 from data_plane.engine.kv_cache import block_bytes
 from data_plane.engine.request import SamplingParams
+from data_plane.models.onednn_linear import OneDnnLinear
 from loraplane.adapter_format import normalize_peft_dir
 from loraplane.model_spec import ModelSpec
 
@@ -163,7 +164,8 @@ def main() -> None:
             base_runs.append(run_engine(engine, prompts, [None] * N_REQ))
         mixed, base = best(mixed_runs), best(base_runs)
         kv_main = kv_line(engine, KV_BUDGET)
-        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**20
+        weights = (sum(p.numel() * p.element_size() for p in engine.model.parameters())
+                   + sum(m.nbytes for m in engine.model.modules() if isinstance(m, OneDnnLinear))) / 2**20
         memory = (f"model weights {weights:.0f} MiB, LoRA slots {engine.loras.nbytes / 2**20:.0f} MiB, "
                   f"KV cache {engine.kv.nbytes / 2**20:.0f} MiB")
         del engine

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.grouped_bmm import add_lora_grouped, pack
+from kernels.cpu_lora import add_lora_cpu
 from kernels.metadata import LoraBatchMeta
 from kernels.reference import expand_ref, shrink_ref
 
@@ -97,21 +97,20 @@ def add_lora(
     b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R] (scaling folded in)
     meta: LoraBatchMeta,
     scale: torch.Tensor | None = None,     # [S] fp32 per-slot scale, None = 1
+    a_slot_major: torch.Tensor | None = None,  # [S, n * R, in]: the same A, when its slices are adjacent
 ) -> None:
     """y[t, slice i] += scale[slot] * (x[t] @ A_i[slot[t]]^T) @ B_i[slot[t]]^T for every token with slot >= 0.
 
     Rows of y whose token has slot -1 are not touched. B columns past a slot's real rank must be
     finite (the engine keeps them zero): the Triton expand may read up to 7 of them.
+    a_slot_major spares the CPU path from re-deriving, every call, that A's slices can be shrunk
+    by one matmul (kernels.cpu_lora.slot_major); LoraSlots allocates them that way.
     """
     if meta.max_count == 0:
         return
     if not torch.compiler.is_compiling() and backend_for(x.device) == "torch":
         # Eager CPU: the custom op would rebuild the host lists meta already holds.
-        packed = pack(meta)
-        if packed is not None:
-            add_lora_grouped(y, x, a_stacks, b_stacks, packed, scale)
-        else:
-            expand_ref(y, shrink_ref(x, a_stacks, meta), b_stacks, meta, scale)
+        add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, a_slot_major)
         return
     args = meta.kernel_args
     v = torch.ops.loraplane.lora_shrink(x, list(a_stacks), *args)

@@ -52,9 +52,13 @@ class Scheduler:
 
     def schedule(self) -> Batch | None:
         batch = self._schedule_prefill() or self._schedule_decode()
-        for request in batch.requests if batch else ():
+        if batch is None:
+            return None
+        for request in batch.requests:
             request.lora_slot = -1 if request.adapter is None else self.adapter_slots[request.adapter]
-        return batch
+        # Grouped by slot (stable, base first): each adapter's tokens are then contiguous rows, which
+        # the CPU LoRA path reads and writes in place and the kernels read in runs.
+        return Batch(tuple(sorted(batch.requests, key=lambda r: r.lora_slot)), batch.is_prefill)
 
     def _schedule_prefill(self) -> Batch | None:
         admitted: list[Request] = []

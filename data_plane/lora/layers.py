@@ -39,16 +39,23 @@ class LoraLinear(nn.Module):
         self.base = base
         self.batch = batch
         w = base.weight
-        self.lora_a = tuple(torch.zeros(max_loras, max_rank, w.shape[1], dtype=w.dtype, device=w.device)
-                            for _ in out_slices)
-        self.lora_b = tuple(torch.zeros(max_loras, out, max_rank, dtype=w.dtype, device=w.device)
-                            for out in out_slices)
+        kw = dict(dtype=w.dtype, device=w.device)
+        n, r = len(out_slices), max_rank
+        # Slot-major A: one slot's rows of every slice are adjacent, so one matmul shrinks them all.
+        self.lora_a_slot_major = torch.zeros(max_loras, n * r, w.shape[1], **kw)
+        self.lora_a = tuple(self.lora_a_slot_major[:, i * r:(i + 1) * r] for i in range(n))
+        if w.device.type == "cpu":
+            # Held as [S, R, out] (the views are [S, out, R]): the CPU expand is then a plain matmul
+            # against contiguous rows. The Triton expand reads the [S, out, R] layout vectorised.
+            self.lora_b = tuple(torch.zeros(max_loras, r, out, **kw).transpose(1, 2) for out in out_slices)
+        else:
+            self.lora_b = tuple(torch.zeros(max_loras, out, r, **kw) for out in out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.batch.meta
         if meta is not None and meta.num_lora_tokens:
-            add_lora(y, x, self.lora_a, self.lora_b, meta)
+            add_lora(y, x, self.lora_a, self.lora_b, meta, a_slot_major=self.lora_a_slot_major)
         return y
 
 

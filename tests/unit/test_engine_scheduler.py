@@ -156,3 +156,23 @@ def test_max_model_len_and_max_num_seqs(setup):
     assert [len(tokens[i]) for i in ids] == [4, 2, 1]  # prompt + output reaches max_model_len
     assert all(reasons[i] is FinishReason.LENGTH for i in ids)
     assert max(len(b.requests) for b in batches) == 2
+
+
+def test_every_batch_is_grouped_by_slot_with_base_first(setup):
+    model, adapters = setup
+    prompts = random_prompts([7, 12, 5, 9, 11, 6, 8], seed=21)
+    names = ["c", None, "a", "c", "b", None, "a"]
+    engine = make_engine(model, adapters)
+    for p, n in zip(prompts, names, strict=True):
+        engine.add_request(p, GREEDY, n)
+    batches = []
+    drain(engine, batches)
+    assert batches and any(not b.is_prefill for b in batches)
+    for batch in batches:
+        slots = [r.lora_slot for r in batch.requests]
+        assert slots == sorted(slots), slots  # each adapter's tokens are contiguous rows
+    first = [r.adapter for r in batches[0].requests]
+    assert len(first) == len(names) and first[:2] == [None, None]
+    # Each adapter's requests are next to each other, whatever order they arrived in.
+    runs = [name for i, name in enumerate(first) if i == 0 or first[i - 1] != name]
+    assert len(runs) == len(set(runs)) == 4, first
