@@ -271,8 +271,8 @@ def memory_section(bench: Bench) -> tuple[Section, dict]:
                         f"{m / (2 * f):.3f} |")
     sec.lines = [
         "Measured: `LoraSlots.nbytes / max_loras` for the slot buffers `data_plane/lora/layers.py` allocates "
-        "(A [max_loras, max_rank, d_in] and B [max_loras, d_out, max_rank] per projection slice, all 7 "
-        "projections, every layer), built on the meta device so the 8B figures need no memory. "
+        "(per packed projection, A slot-major as [max_loras, slices x max_rank, d_in]; per slice, B as "
+        "[max_loras, max_rank, d_out] on CPU or [max_loras, d_out, max_rank] on GPU; all 7 projections, every layer), built on the meta device so the 8B figures need no memory. "
         "Formula: r x L x sum(d_in + d_out) x bytes.", "",
         "| model | max_lora_rank r | measured MiB/slot | formula MiB | measured / formula | "
         "2 x formula MiB (issue's form) | measured / (2 x formula) |", "|---|---:|---:|---:|---:|---:|---:|",
