@@ -86,18 +86,18 @@ def plan(meta: LoraBatchMeta) -> Plan:
     return result
 
 
-def slot_major(a_stacks: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """[S, n * R, in] over the n A slices when they are adjacent rows of one slot-major buffer, else None."""
+def kmajor(a_stacks: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """[S, in, n * R] over the n A slices when they are column blocks of one such buffer, else None."""
     a0 = a_stacks[0]
     S, R, K = a0.shape
     n = len(a_stacks)
-    if a0.stride() != (n * R * K, K, 1):
+    if a0.stride() != (K * n * R, 1, n * R):
         return None
-    step = R * K * a0.element_size()
+    step = R * a0.element_size()
     for i, a in enumerate(a_stacks):
         if a.shape != a0.shape or a.stride() != a0.stride() or a.data_ptr() != a0.data_ptr() + i * step:
             return None
-    return torch.as_strided(a0, (S, n * R, K), (n * R * K, K, 1))
+    return torch.as_strided(a0, (S, K, n * R), (K * n * R, n * R, 1))
 
 
 def add_lora_cpu(
@@ -107,26 +107,26 @@ def add_lora_cpu(
     b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R]; finite past each slot's rank
     meta: LoraBatchMeta,
     scale: torch.Tensor | None = None,     # [S] per-slot scale, None = 1
-    a_slot_major: torch.Tensor | None = None,  # [S, n * R, in], the same A when its slices are adjacent
+    a_kmajor: torch.Tensor | None = None,  # [S, in, n * R]: the same A, input dimension first
 ) -> None:
     p = plan(meta)
-    a_cat = a_slot_major if a_slot_major is not None else slot_major(a_stacks)
-    (_grouped if p.grouped else _segments)(y, x, a_stacks, b_stacks, a_cat, meta, p, scale)
+    a_t = a_kmajor if a_kmajor is not None else kmajor(a_stacks)
+    (_grouped if p.grouped else _segments)(y, x, a_stacks, b_stacks, a_t, meta, p, scale)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _grouped(y, x, a_stacks, b_stacks, a_cat, meta: LoraBatchMeta, p: Plan, scale) -> None:
+def _grouped(y, x, a_stacks, b_stacks, a_t, meta: LoraBatchMeta, p: Plan, scale) -> None:
     G, M, r, R = p.groups, p.max_count, p.rank, a_stacks[0].shape[1]
     lo, hi = p.first_slot, p.first_slot + p.groups
     if p.lora_rows is not None:
         xs = _f32(x[p.lora_rows[0]:p.lora_rows[1]].reshape(G, M, -1))
     else:
         xs = _f32(x.index_select(0, p.padded_ids).view(G, M, -1))
-    if a_cat is not None and r == R:
-        v = torch.bmm(xs, _f32(a_cat[lo:hi]).transpose(1, 2))                  # [G, M, n * R]
+    if a_t is not None and r == R:
+        v = torch.bmm(xs, _f32(a_t[lo:hi]))                                     # [G, M, n * R]
         vs = [v[:, :, i * R:(i + 1) * R] for i in range(len(a_stacks))]
     else:
         vs = [torch.bmm(xs, _f32(a[lo:hi, :r]).transpose(1, 2)) for a in a_stacks]  # each [G, M, r]
@@ -152,7 +152,7 @@ def _grouped(y, x, a_stacks, b_stacks, a_cat, meta: LoraBatchMeta, p: Plan, scal
     y += delta.index_select(0, p.row_of_token)
 
 
-def _segments(y, x, a_stacks, b_stacks, a_cat, meta: LoraBatchMeta, p: Plan, scale) -> None:
+def _segments(y, x, a_stacks, b_stacks, a_t, meta: LoraBatchMeta, p: Plan, scale) -> None:
     f32 = torch.float32
     widths = [b.shape[1] for b in b_stacks]
     R = a_stacks[0].shape[1]
@@ -164,8 +164,8 @@ def _segments(y, x, a_stacks, b_stacks, a_cat, meta: LoraBatchMeta, p: Plan, sca
     for slot, start, count, rank in zip(meta.active_slots_list, meta.slot_starts_list, meta.slot_counts_list,
                                         meta.slot_ranks_list, strict=True):
         xs = _f32(xs_all[start:start + count])
-        if a_cat is not None and rank == R:
-            v = xs @ _f32(a_cat[slot]).t()                                     # [count, n * R]
+        if a_t is not None and rank == R:
+            v = xs @ _f32(a_t[slot])                                            # [count, n * R]
             vs = [v[:, i * R:i * R + rank] for i in range(len(a_stacks))]
         else:
             vs = [xs @ _f32(a[slot, :rank]).t() for a in a_stacks]

@@ -97,20 +97,21 @@ def add_lora(
     b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R] (scaling folded in)
     meta: LoraBatchMeta,
     scale: torch.Tensor | None = None,     # [S] fp32 per-slot scale, None = 1
-    a_slot_major: torch.Tensor | None = None,  # [S, n * R, in]: the same A, when its slices are adjacent
+    a_kmajor: torch.Tensor | None = None,  # [S, in, n * R]: the same A, input dimension first (CPU)
 ) -> None:
     """y[t, slice i] += scale[slot] * (x[t] @ A_i[slot[t]]^T) @ B_i[slot[t]]^T for every token with slot >= 0.
 
     Rows of y whose token has slot -1 are not touched. B columns past a slot's real rank must be
     finite (the engine keeps them zero): the Triton expand may read up to 7 of them.
-    a_slot_major spares the CPU path from re-deriving, every call, that A's slices can be shrunk
-    by one matmul (kernels.cpu_lora.slot_major); LoraSlots allocates them that way.
+    a_kmajor spares the CPU path from re-deriving, every call, that A's slices are columns of one
+    [S, in, n * R] buffer that one matmul shrinks (kernels.cpu_lora.kmajor); LoraSlots allocates
+    them that way on CPU.
     """
     if meta.max_count == 0:
         return
     if not torch.compiler.is_compiling() and backend_for(x.device) == "torch":
         # Eager CPU: the custom op would rebuild the host lists meta already holds.
-        add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, a_slot_major)
+        add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, a_kmajor)
         return
     args = meta.kernel_args
     v = torch.ops.loraplane.lora_shrink(x, list(a_stacks), *args)

@@ -40,22 +40,25 @@ class LoraLinear(nn.Module):
         self.batch = batch
         w = base.weight
         kw = dict(dtype=w.dtype, device=w.device)
-        n, r = len(out_slices), max_rank
-        # Slot-major A: one slot's rows of every slice are adjacent, so one matmul shrinks them all.
-        self.lora_a_slot_major = torch.zeros(max_loras, n * r, w.shape[1], **kw)
-        self.lora_a = tuple(self.lora_a_slot_major[:, i * r:(i + 1) * r] for i in range(n))
+        n, r, d_in = len(out_slices), max_rank, w.shape[1]
+        self.lora_a_kmajor: torch.Tensor | None = None
         if w.device.type == "cpu":
-            # Held as [S, R, out] (the views are [S, out, R]): the CPU expand is then a plain matmul
-            # against contiguous rows. The Triton expand reads the [S, out, R] layout vectorised.
+            # Input dimension first for A ([S, in, slices x R], one slot's q, k and v columns side by side)
+            # and B ([S, R, out]): the CPU bmm streams both without repacking (measured 1.8x faster
+            # for the decode shrink than A as [S, R, in]), and one matmul shrinks every slice. The
+            # kernels' [S, R, in] / [S, out, R] stacks are views of these buffers.
+            self.lora_a_kmajor = torch.zeros(max_loras, d_in, n * r, **kw)
+            self.lora_a = tuple(self.lora_a_kmajor[:, :, i * r:(i + 1) * r].transpose(1, 2) for i in range(n))
             self.lora_b = tuple(torch.zeros(max_loras, r, out, **kw).transpose(1, 2) for out in out_slices)
         else:
+            self.lora_a = tuple(torch.zeros(max_loras, r, d_in, **kw) for _ in out_slices)
             self.lora_b = tuple(torch.zeros(max_loras, out, r, **kw) for out in out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.batch.meta
         if meta is not None and meta.num_lora_tokens:
-            add_lora(y, x, self.lora_a, self.lora_b, meta, a_slot_major=self.lora_a_slot_major)
+            add_lora(y, x, self.lora_a, self.lora_b, meta, a_kmajor=self.lora_a_kmajor)
         return y
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, plan, slot_major
+from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan
 from kernels.metadata import LoraBatchMeta
 from kernels.ops import add_lora
 from kernels.reference import expand_ref, shrink_ref
@@ -50,11 +50,11 @@ def test_dispatched_cpu_path_matches_reference(slots, widths, ranks):
     assert torch.equal(got[base_rows], y[base_rows])  # base-model tokens untouched
 
 
-def slot_major_stacks(a):
-    """The same A slices as views of one slot-major buffer, the way LoraSlots allocates them."""
+def kmajor_stacks(a):
+    """The same A slices as views of one [S, in, n * R] buffer, the way LoraSlots allocates them on CPU."""
     n, (S, R, K) = len(a), a[0].shape
-    buf = torch.empty(S, n * R, K, dtype=a[0].dtype)
-    views = tuple(buf[:, i * R:(i + 1) * R] for i in range(n))
+    buf = torch.empty(S, K, n * R, dtype=a[0].dtype)
+    views = tuple(buf[:, :, i * R:(i + 1) * R].transpose(1, 2) for i in range(n))
     for view, t in zip(views, a, strict=True):
         view.copy_(t)
     return buf, views
@@ -85,15 +85,15 @@ def test_each_layout_matches_reference(layout, ranks, adjacent, dtype):
     p = plan(meta)
     assert p.grouped == layout.startswith("grouped")
     assert (p.lora_rows is not None) == (layout in ("grouped view", "segments in place"))
-    a_cat = None
+    a_t = None
     if adjacent:
-        a_cat, a = slot_major_stacks(a)
+        a_t, a = kmajor_stacks(a)
         b = transposed_b(b)
-        assert slot_major(a) is not None
+        assert kmajor(a) is not None
     else:
-        assert slot_major(a) is None
+        assert kmajor(a) is None
     got = y.clone()
-    add_lora_cpu(got, x, a, b, meta, a_slot_major=a_cat)
+    add_lora_cpu(got, x, a, b, meta, a_kmajor=a_t)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(got.float(), reference(x, y, a, b, meta).float(), **tol)
     base_rows = [i for i, s in enumerate(slots) if s < 0]
