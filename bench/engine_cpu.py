@@ -127,6 +127,11 @@ def kv_line(engine: Engine, budget: int) -> str:
             f"{engine.blocks.peak_used * per_block / 2**20:.1f} MiB ({engine.blocks.peak_used} blocks)")
 
 
+def omp_prefix() -> str:
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return f"OMP_WAIT_POLICY={policy} " if policy else ""
+
+
 def machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -190,7 +195,7 @@ def main() -> None:
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}; 1-min load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after (the CPU is shared with other processes)",
-        f"- command: `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} {command}`",
+        f"- command: `{omp_prefix()}{command}`",
         f"- workload: {N_REQ} requests, {N_ADAPTERS} adapters of rank {RANK} on all 7 projections, "
         f"{PROMPT}-token prompts, {NEW} new tokens each (ignore_eos, greedy), fp32; best of {args.repeats}",
         "",

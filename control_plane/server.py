@@ -51,9 +51,6 @@ class ControlPlane:
 
     async def start(self) -> ControlPlane:
         c = self.config
-        # Normalization is memory-bound elementwise work; OpenMP worker threads only add
-        # contention (10-40x slower sums measured on a busy 2-core host), so keep torch single-threaded.
-        torch.set_num_threads(1)
         spec = await asyncio.to_thread(ModelSpec.from_pretrained, c.base_model)
         c.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.admin_token:
@@ -141,6 +138,11 @@ class ControlPlane:
 
 async def serve(config: ControlPlaneConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain for the grace period."""
+    # Normalization is memory-bound elementwise work; OpenMP worker threads only add contention
+    # (10-40x slower sums measured on a busy 2-core host), so this process keeps torch single-threaded.
+    # Set here, not in ControlPlane.start: a process hosting the control plane next to an engine
+    # (tests, benchmarks) must keep its own thread count.
+    torch.set_num_threads(1)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     plane = await ControlPlane(config).start()
