@@ -68,12 +68,14 @@ class DataPlane:
     async def start(self) -> DataPlane:
         c = self.config
         model_name = Path(c.model).name or c.model
-        engine = await asyncio.to_thread(self._engine)
         cpu = CpuCache(c.max_cpu_loras, c.max_cpu_lora_bytes, pin_memory=c.device.startswith("cuda"))
         disk = DiskCache(c.disk_cache_dir, c.disk_cache_bytes)
         slots = SlotTable(c.max_loras, c.max_pinned_loras)
         self.metrics = Metrics(lambda: self.engine_loop.stats, model_name, c.max_loras)
-        self.engine_loop = EngineLoop(engine, cpu, slots, on_promote=self.metrics.promoted)
+        # Built in the thread that will step it (see EngineLoop.build_and_start for why).
+        self.engine_loop = await asyncio.to_thread(EngineLoop.build_and_start, self._engine, cpu, slots,
+                                                   self.metrics.promoted)
+        engine = self.engine_loop.engine
         ca = Path(c.control_plane_ca).read_bytes() if c.control_plane_ca else None
         client_cert = ((Path(c.control_plane_client_key).read_bytes(), Path(c.control_plane_client_cert).read_bytes())
                        if c.control_plane_client_cert else None)
@@ -94,7 +96,6 @@ class DataPlane:
         cache_service_pb2_grpc.add_AdapterCacheServiceServicer_to_server(
             CacheServicer(self.engine_loop, self.cache), self.grpc.server)
         self.grpc.listen(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
-        self.engine_loop.start()
         await self.grpc.start()
         address = c.advertise_address or c.listen.replace("0.0.0.0", "127.0.0.1").rsplit(":", 1)[0] + f":{self.port}"
         if c.redis_url:
