@@ -1,7 +1,8 @@
-"""EngineLoop's promotion pass: oldest waiters first, and no thrashing when adapters outnumber slots."""
+"""EngineLoop: the promotion pass (oldest waiters first, no thrashing), and building the engine in its thread."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,30 @@ def test_crowded_queue_does_not_evict_what_older_waiters_need(setup):
         loop._promote_waiting()
         engine.step()
     assert loads == ["k0", "k1", "k2", "k3", "k4"]  # every adapter loaded exactly once: no thrashing
+
+
+def test_build_and_start_builds_in_the_engine_thread_and_serves(setup):
+    model, _ = setup
+    built_in = []
+
+    def build():
+        built_in.append(threading.current_thread().name)
+        return make_engine(model, max_loras=2)
+
+    loop = EngineLoop.build_and_start(build, CpuCache(2, 1 << 30), SlotTable(2, 0))
+    try:
+        assert built_in == ["engine-loop"]  # the thread that steps it, not the caller's
+        done = loop.call(lambda engine: engine.generate([[1, 2, 3]], None, SamplingParams(max_tokens=3,
+                                                                                            ignore_eos=True)))
+        [completion] = done.result(timeout=60)
+        assert len(completion.token_ids) == 3
+    finally:
+        loop.stop()
+
+
+def test_build_and_start_raises_what_the_build_raised():
+    def build():
+        raise ValueError("no such model directory")
+
+    with pytest.raises(ValueError, match="no such model directory"):
+        EngineLoop.build_and_start(build, CpuCache(2, 1 << 30), SlotTable(2, 0))
