@@ -71,7 +71,7 @@ class EngineLoop:
         thread of the process already has pays 2-3x per small op (measured on 2 cores: a 16-row
         oneDNN linear 100 -> 200 us, a decode-sized bmm 25 -> 80 us; large ops are unaffected).
         Built in a helper thread, the engine thread was the second: serving ran ~25% slower than
-        the same engine on one thread. A build failure is raised here.
+        the same engine stepped from a process's main thread. A build failure is raised here.
         """
         loop = cls(None, cpu, slots, on_promote)
         built: concurrent.futures.Future = concurrent.futures.Future()
