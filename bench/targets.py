@@ -10,11 +10,14 @@ does, so tier hit rates and slot contention are the service's.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
+
+import torch
 
 from bench.artifacts import AdapterStore
 from bench.harness import Tiers
@@ -27,6 +30,20 @@ from data_plane.lora.cpu_cache import CpuCache
 from data_plane.lora.disk_cache import DiskCache
 from data_plane.lora.slot_table import SlotTable
 from data_plane.server.engine_loop import EngineLoop
+
+
+def release_openmp_pools() -> None:
+    """Free the calling thread's OpenMP worker pool (omp_pause_resource_all, OpenMP 5.0).
+
+    With GNU OpenMP, a thread that starts parallel torch work while another thread's pool exists
+    pays 2-3x per small op (docs/architecture.md, "Engine thread"); measured on 2 cores, pausing
+    the main thread's pool first removes the penalty for an engine thread started after it. A no-op
+    where torch ships no OpenMP library.
+    """
+    for lib in sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*.so*")):
+        pause = getattr(ctypes.CDLL(str(lib)), "omp_pause_resource_all", None)
+        if pause is not None:
+            pause(2)  # omp_pause_hard
 
 
 @dataclass(frozen=True)
@@ -95,20 +112,28 @@ class InProcessTarget:
         self.setup = setup
         self.store = store
         s = setup
-        self.engine = Engine(EngineConfig(
-            model=str(s.model), max_loras=s.max_loras, max_lora_rank=s.max_lora_rank, max_num_seqs=s.max_num_seqs,
-            max_model_len=s.max_model_len, dtype=s.dtype, device=s.device, kv_cache_bytes=s.kv_cache_bytes))
-        # First-call allocations and lazy imports, outside any timed run.
-        self.engine.generate([[1, 2, 3]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+
+        def build() -> Engine:
+            engine = Engine(EngineConfig(
+                model=str(s.model), max_loras=s.max_loras, max_lora_rank=s.max_lora_rank,
+                max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, dtype=s.dtype, device=s.device,
+                kv_cache_bytes=s.kv_cache_bytes))
+            # First-call allocations and lazy imports, outside any timed run.
+            engine.generate([[1, 2, 3]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+            return engine
+
         self.counter = TierCounter()
         # As the data plane: page-locked host copies on CUDA, so promotion into a slot is an async copy.
         self.cpu = CpuCache(max(1, s.max_cpu_loras), 1 << 40, pin_memory=s.device.startswith("cuda"))
         self.disk = DiskCache(workdir / f"disk-{uuid.uuid4().hex[:8]}", s.disk_bytes)
         self.slots = SlotTable(max(1, s.max_loras), 0)
-        self.loop = EngineLoop(self.engine, self.cpu, self.slots, on_promote=self.counter.promoted)
+        # As the data plane, the engine is built and stepped in its own thread; this process's main
+        # thread has run torch before (models, HF + PEFT), so its OpenMP pool is released first.
+        release_openmp_pools()
+        self.loop = EngineLoop.build_and_start(build, self.cpu, self.slots, on_promote=self.counter.promoted)
+        self.engine = self.loop.engine
         self.fetcher = StoreFetcher(store) if store is not None else None
         self.cache = AdapterCache(self.fetcher, self.cpu, self.disk, self.counter)
-        self.loop.start()
 
     def close(self) -> None:
         self.loop.stop()
