@@ -111,22 +111,29 @@ def _verified(chunks: list[bytes], digest: str, version: str) -> bytes:
     return data
 
 
-class Client:
+class _Stubs:
+    """The four service stubs over one channel, and the per-call metadata and deadline."""
+
+    def __init__(self, channel, token: str | None, timeout: float | None):
+        self.metadata = bearer(token) if token else ()
+        self.timeout = timeout
+        self.registry = reg_grpc.AdapterRegistryServiceStub(channel)
+        self.distribution = dist_grpc.AdapterDistributionServiceStub(channel)
+        self.generation = gen_grpc.GenerationServiceStub(channel)
+        self.cache = cache_grpc.AdapterCacheServiceStub(channel)
+
+    def _kw(self, timeout=None):
+        return {"metadata": self.metadata, "timeout": timeout or self.timeout}
+
+
+class Client(_Stubs):
     def __init__(self, target: str, token: str | None = None, *, tls: bool = False,
                  root_certificates: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None,
                  timeout: float | None = 60.0):
         creds = _credentials(tls, root_certificates, client_cert)
         self.channel = (grpc.secure_channel(target, creds, _OPTIONS) if creds
                         else grpc.insecure_channel(target, _OPTIONS))
-        self.metadata = bearer(token) if token else ()
-        self.timeout = timeout
-        self.registry = reg_grpc.AdapterRegistryServiceStub(self.channel)
-        self.distribution = dist_grpc.AdapterDistributionServiceStub(self.channel)
-        self.generation = gen_grpc.GenerationServiceStub(self.channel)
-        self.cache = cache_grpc.AdapterCacheServiceStub(self.channel)
-
-    def _kw(self, timeout=None):
-        return {"metadata": self.metadata, "timeout": timeout or self.timeout}
+        super().__init__(self.channel, token, timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -234,22 +241,14 @@ class Client:
         self.cache.EvictAdapter(cache_pb2.EvictAdapterRequest(name=name, tier=tier), **self._kw())
 
 
-class AsyncClient:
+class AsyncClient(_Stubs):
     def __init__(self, target: str, token: str | None = None, *, tls: bool = False,
                  root_certificates: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None,
                  timeout: float | None = 60.0):
         creds = _credentials(tls, root_certificates, client_cert)
         self.channel = (grpc.aio.secure_channel(target, creds, _OPTIONS) if creds
                         else grpc.aio.insecure_channel(target, _OPTIONS))
-        self.metadata = bearer(token) if token else ()
-        self.timeout = timeout
-        self.registry = reg_grpc.AdapterRegistryServiceStub(self.channel)
-        self.distribution = dist_grpc.AdapterDistributionServiceStub(self.channel)
-        self.generation = gen_grpc.GenerationServiceStub(self.channel)
-        self.cache = cache_grpc.AdapterCacheServiceStub(self.channel)
-
-    def _kw(self, timeout=None):
-        return {"metadata": self.metadata, "timeout": timeout or self.timeout}
+        super().__init__(self.channel, token, timeout)
 
     async def close(self) -> None:
         await self.channel.close()
