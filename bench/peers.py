@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.harness import Summary, Tiers, summarize
+from bench.targets import release_openmp_pools
 from bench.workloads import Workload
 
 
@@ -94,6 +95,7 @@ class HfPeftPeer:
         wall = time.perf_counter() - start - prefill_s
         summary = summarize(records, wall, sum(len(r.prompt) for r in requests), Tiers())
         summary.cpu_s = time.process_time() - cpu - prefill_cpu
+        release_openmp_pools()  # as InProcessTarget.detach: leave no pool to slow the next run's thread
         return summary
 
 

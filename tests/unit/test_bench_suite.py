@@ -4,6 +4,8 @@ and a tiny end-to-end in-process run. Sizes are tiny; nothing here is a performa
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +172,27 @@ def test_tiny_in_process_run_with_real_tiers(tiny):
     assert first.cpu_s > 0 and first.steps >= max(r.max_tokens for r in reqs) and first.tokens_per_step > 0
     assert second.output_tokens == first.output_tokens and second.tiers.requests == 12
 
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2,
+                    reason="counts OpenMP worker threads: needs Linux and 2+ torch threads")
+def test_a_run_leaves_no_openmp_pool_in_the_engine_thread(tiny):
+    """Several engines share the suite's process: each run must release its engine thread's pool,
+    or the next run's thread pays 2-3x per small op (bench/targets.py, InProcessTarget.detach)."""
+    root, model, store = tiny
+    wl = Workload(num_requests=2, num_adapters=1, concurrency=2, prompt_len=LengthDist.parse("3"),
+                  output_len=LengthDist.parse("2"), vocab_size=256, seed=0)
+    with InProcessTarget(EngineSetup(model, max_loras=1, max_lora_rank=8, max_num_seqs=2, max_model_len=16),
+                         store, root) as target:
+        idle = _threads()  # the build released the pool its warm-up made
+        target.loop.call(lambda _engine: torch.ones(1 << 22).add_(1)).result()  # large enough to go parallel
+        assert _threads() > idle
+        run(target, wl)
+        assert _threads() == idle
 
 def test_tiny_peers_hf_and_merged(tiny):
     root, model, store = tiny
