@@ -144,6 +144,31 @@ class Workload:
         return [Request(i, arrivals[i], rng.integers(0, self.vocab_size, size=int(prompts[i])).tolist(),
                         int(outputs[i]), adapters[i]) for i in range(self.num_requests)]
 
+    def tokens_per_step_bound(self, max_loras: int, max_num_seqs: int | None = None) -> float:
+        """The most output tokens per engine step any scheduler could reach on these requests, with
+        every request known in advance (closed loop: at most `concurrency` in flight).
+
+        A request takes one step per output token and runs only while its adapter holds one of the
+        `max_loras` slots, so adapter a is in at least max(its requests' outputs) steps, and a step
+        holds at most max_loras adapters; a step also runs at most concurrency (and max_num_seqs)
+        requests. Steps >= both counts, and tokens / steps <= this.
+        """
+        reqs = self.requests()
+        tokens = sum(r.max_tokens for r in reqs)
+        longest: dict[str, int] = {}
+        for r in reqs:
+            if r.adapter is not None:
+                longest[r.adapter] = max(longest.get(r.adapter, 0), r.max_tokens)
+        width = self.num_requests if self.arrival == "poisson" else min(self.concurrency, self.num_requests)
+        if max_num_seqs is not None:
+            width = min(width, max_num_seqs)
+        steps = tokens / width
+        if longest:
+            if max_loras < 1:
+                raise ValueError("requests name adapters but max_loras < 1: none could run")
+            steps = max(steps, sum(longest.values()) / max_loras)
+        return tokens / steps
+
     def describe(self) -> str:
         pop = self.popularity if self.popularity != "zipf" else f"zipf(s={self.skew:g})"
         load = (f"closed loop at concurrency {self.concurrency}" if self.arrival == "closed"
