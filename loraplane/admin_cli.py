@@ -24,13 +24,24 @@ def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = 
     p.add_argument("--token-file", type=Path, help="file holding the bearer token")
     p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
     p.add_argument("--ca-cert", type=Path, help="CA certificate to trust (PEM); implies --tls")
+    p.add_argument("--client-cert", type=Path,
+                   help="client certificate (PEM) for a server that requires mTLS; needs --client-key, implies --tls")
+    p.add_argument("--client-key", type=Path, help="private key (PEM) of --client-cert")
     p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
 
 
 def connect(args) -> Client:
-    token = load_token(args.token, "LORAPLANE_ADMIN_TOKEN", args.token_file)
-    ca = args.ca_cert.read_bytes() if args.ca_cert else None
-    return Client(args.address, token, tls=args.tls or ca is not None, root_certificates=ca, timeout=args.timeout)
+    """A Client for the connection flags; ValueError (the CLI's exit 2) for flags that cannot work."""
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ValueError("--client-cert and --client-key go together")
+    try:
+        token = load_token(args.token, "LORAPLANE_ADMIN_TOKEN", args.token_file)
+        ca = args.ca_cert.read_bytes() if args.ca_cert else None
+        pair = (args.client_key.read_bytes(), args.client_cert.read_bytes()) if args.client_cert else None
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    return Client(args.address, token, tls=args.tls or ca is not None or pair is not None, root_certificates=ca,
+                  client_cert=pair, timeout=args.timeout)
 
 
 def add_parser(sub) -> None:

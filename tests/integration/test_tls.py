@@ -158,6 +158,29 @@ def test_control_plane_mutual_tls(cp_factory, pki, good_adapter):
     assert health_over_tls(cp.address, pki, client_cert=True) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_cli_mutual_tls_flags(cp_factory, pki, good_adapter, capsys):
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    with Client(cp.address, cp.token, root_certificates=pki.ca.read_bytes(), client_cert=pki.client_pair(),
+                timeout=10) as c:
+        c.create_adapter("cli-mtls", str(good_adapter), wait=True)
+    capsys.readouterr()
+    base = ["adapters", "--address", cp.address, "--token", cp.token, "--ca-cert", str(pki.ca), "--timeout", "5"]
+    assert main([*base, "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key),
+                 "--json", "get", "cli-mtls"]) == 0
+    assert '"cli-mtls"' in capsys.readouterr().out
+    # Without a client certificate, or with one from another CA, the handshake fails: a clear error, no trace.
+    for pair in ([], ["--client-cert", str(pki.rogue_client_cert), "--client-key", str(pki.rogue_client_key)]):
+        assert main([*base, *pair, "get", "cli-mtls"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+    # Flags that cannot work are refused before any connection.
+    assert main([*base, "--client-cert", str(pki.client_cert), "get", "cli-mtls"]) == 2
+    assert "--client-cert and --client-key go together" in capsys.readouterr().err
+    assert main([*base, "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key) + ".missing",
+                 "get", "cli-mtls"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_data_plane_tls_both_ways(cp_factory, dp_factory, pki, good_adapter):
     """Client -(mTLS)-> data plane -(mTLS)-> control plane: the adapter arrives over TLS and serves."""
     cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
