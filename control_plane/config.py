@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplane.auth import load_token
+from loraplane.grpc_server import HEALTH_LISTEN_HELP, check_address
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "loraplane" / "control-plane"
 
@@ -39,13 +40,14 @@ class ControlPlaneConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         if not self.base_model:
             raise ValueError("base_model is required (--base-model PATH_OR_ID)")
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        check_address("listen", self.listen)
+        if self.health_listen is not None:
+            check_address("health_listen", self.health_listen)
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
             raise ValueError("redis_prefix must be non-empty, without braces or spaces")
         if not 1 <= self.max_lora_rank <= 1024:
@@ -98,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: enables mTLS")
+    p.add_argument("--health-listen", help=HEALTH_LISTEN_HELP)
 
 
 def from_args(args: argparse.Namespace) -> ControlPlaneConfig:
@@ -112,4 +115,5 @@ def from_args(args: argparse.Namespace) -> ControlPlaneConfig:
         artifact_dtype=args.artifact_dtype, hf_endpoint=args.hf_endpoint, hf_token=os.environ.get("HF_TOKEN"),
         s3_endpoint_url=args.s3_endpoint_url, s3_anon=args.s3_anon, grace_period_s=args.grace_period,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        health_listen=args.health_listen,
     )

@@ -80,7 +80,11 @@ class ControlPlane:
             self.grpc.server)
         distribution_service_pb2_grpc.add_AdapterDistributionServiceServicer_to_server(distribution, self.grpc.server)
         self.grpc.listen(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        if c.health_listen is not None:
+            self.grpc.listen_health(c.health_listen)
         await self.grpc.start()
+        if self.grpc.health_port:
+            logger.info("plaintext gRPC health on port %d", self.grpc.health_port)
         self._background = [asyncio.create_task(self._watch_health()), asyncio.create_task(self._sweep()),
                             asyncio.create_task(distribution.follow_events())]
         logger.info("control plane %s listening on port %d (base model %s, %s, artifacts in %s)", c.replica_id,

@@ -28,6 +28,15 @@ def probe_name(probe: int) -> str:
 LIVENESS = probe_name(HealthProbe.HEALTH_PROBE_LIVENESS)
 STARTUP = probe_name(HealthProbe.HEALTH_PROBE_STARTUP)
 READINESS = probe_name(HealthProbe.HEALTH_PROBE_READINESS)
+HEALTH_LISTEN_HELP = ("HOST:PORT of a plaintext listener serving only gRPC health (same statuses as the main "
+                      "port): for probes that cannot speak TLS, such as the kubelet's, when --tls-cert is set")
+
+
+def check_address(name: str, value: str) -> None:
+    """ValueError unless `value` is HOST:PORT (port 0 picks a free one)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{name} must be HOST:PORT, got {value!r}")
 
 
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
@@ -101,6 +110,8 @@ class GrpcServer:
         reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
         self.port = 0
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
 
     def listen(self, address: str, credentials=None) -> int:
         if credentials is None:
@@ -110,6 +121,16 @@ class GrpcServer:
         if not self.port:
             raise OSError(f"could not listen on {address}")
         return self.port
+
+    def listen_health(self, address: str) -> int:
+        """A second port, always plaintext, serving only grpc.health.v1 with the same statuses: for
+        probes that cannot speak TLS, such as the kubelet's gRPC probes, when the main port does."""
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(address)
+        if not self.health_port:
+            raise OSError(f"could not listen on {address} (health)")
+        return self.health_port
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness (and "" and every service name); the first SERVING also passes startup."""
@@ -124,10 +145,14 @@ class GrpcServer:
         await self.health.set(STARTUP, NOT_SERVING)
         await self.health.set(LIVENESS, SERVING)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+        if self.health_server is not None:  # last: probes see NOT_SERVING, not a refused port, while draining
+            await self.health_server.stop(0)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -96,7 +96,11 @@ class DataPlane:
         cache_service_pb2_grpc.add_AdapterCacheServiceServicer_to_server(
             CacheServicer(self.engine_loop, self.cache), self.grpc.server)
         self.grpc.listen(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        if c.health_listen is not None:
+            self.grpc.listen_health(c.health_listen)
         await self.grpc.start()
+        if self.grpc.health_port:
+            logger.info("plaintext gRPC health on port %d", self.grpc.health_port)
         address = c.advertise_address or c.listen.replace("0.0.0.0", "127.0.0.1").rsplit(":", 1)[0] + f":{self.port}"
         if c.redis_url:
             self.registry = Registry.from_url(c.redis_url, c.redis_prefix)

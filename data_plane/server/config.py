@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplane.auth import load_token
+from loraplane.grpc_server import HEALTH_LISTEN_HELP, check_address
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraplane" / "adapters"
 
@@ -47,12 +48,14 @@ class DataPlaneConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model is required (--model PATH)")
         if not self.control_plane:
             raise ValueError("control_plane is required (--control-plane HOST:PORT)")
+        check_address("listen", self.listen)
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -77,6 +80,8 @@ class DataPlaneConfig:
         if self.tls_client_ca and not self.tls_cert:
             # Without a server certificate the server would listen in plaintext, with no mTLS at all.
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.health_listen is not None:
+            check_address("health_listen", self.health_listen)
         if self.device == "auto":
             import torch
 
@@ -123,6 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: enables mTLS")
+    p.add_argument("--health-listen", help=HEALTH_LISTEN_HELP)
 
 
 def from_args(args: argparse.Namespace) -> DataPlaneConfig:
@@ -139,4 +145,5 @@ def from_args(args: argparse.Namespace) -> DataPlaneConfig:
         admin_token=load_token(args.admin_token, "LORAPLANE_ADMIN_TOKEN", args.admin_token_file),
         metrics_port=args.metrics_port, grace_period_s=args.grace_period, control_plane_ca=args.control_plane_ca,
         control_plane_client_cert=args.control_plane_client_cert, control_plane_client_key=args.control_plane_client_key,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, **extra)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        health_listen=args.health_listen, **extra)

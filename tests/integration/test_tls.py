@@ -7,6 +7,7 @@ certificate, and a rogue CA with its own client certificate that nothing should 
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,53 @@ def test_data_plane_tls_both_ways(cp_factory, dp_factory, pki, good_adapter):
         with client as c:
             refused(lambda c=c: c.get_model_info())
 
+
+
+def plaintext_health(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=10).status
+
+
+@pytest.mark.parametrize("plane", ["control", "data"])
+def test_plaintext_health_port_beside_a_tls_port(cp_factory, dp_factory, pki, plane):
+    """What the kubelet needs under TLS: its gRPC probes speak plaintext, to a port that answers health only."""
+    tls = dict(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, health_listen="127.0.0.1:0")
+    if plane == "control":
+        server = cp_factory(**tls)
+        other = ("/loraplane.v1.AdapterRegistryService/ListAdapters", b"")
+    else:
+        server = dp_factory(cp_factory().address, **tls)
+        other = ("/loraplane.v1.GenerationService/GetModelInfo", b"")
+    grpc_server = server.plane.grpc
+    port = grpc_server.health_port
+    assert port and port != server.plane.port
+    deadline = time.monotonic() + 10  # the control plane turns ready once its first Redis ping answers
+    while plaintext_health(port, "readiness") != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for service in ("", "liveness", "readiness", "startup"):
+        assert plaintext_health(port, service) == health_pb2.HealthCheckResponse.SERVING
+    assert health_over_tls(server.address, pki, client_cert=True) == health_pb2.HealthCheckResponse.SERVING
+    # Nothing but health there: no other service, and no reflection to list them.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in (other[0], "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(method)(other[1], timeout=10)
+            assert e.value.code() == S.UNIMPLEMENTED
+    # The statuses are shared: readiness drops on both ports together.
+    server.thread.call(grpc_server.set_serving(False))
+    assert plaintext_health(port, "readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert plaintext_health(port, "liveness") == health_pb2.HealthCheckResponse.SERVING
+    server.thread.call(grpc_server.set_serving(True))
+    assert plaintext_health(port, "readiness") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_listen_must_be_an_address(base_model, pki):
+    from control_plane.config import ControlPlaneConfig
+
+    for bad in ("", "8081", "host:", "host:99999"):
+        with pytest.raises(ValueError, match="health_listen"):
+            ControlPlaneConfig(base_model=str(base_model), health_listen=bad)
 
 def test_data_plane_refuses_a_control_plane_it_cannot_verify(cp_factory, dp_factory, pki, good_adapter):
     cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key)
