@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                       "image": {"digest": "sha256:" + "a" * 64}},
         "redis": {"auth": {"enabled": False}, "persistence": {"enabled": False}},
     },
+    "tls": {"tls": {"enabled": True, "secretName": "loraplane-tls"}},
+    "mtls": {"tls": {"enabled": True, "secretName": "loraplane-tls", "clientAuth": True, "healthPort": 8087}},
 }
+# TLS scenarios and whether they require client certificates (mTLS).
+TLS_SCENARIOS = {"tls": False, "mtls": True}
+TLS_DIR = "/etc/loraplane/tls"
+TLS_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--health-listen", "--control-plane-ca",
+             "--control-plane-client-cert", "--control-plane-client-key")
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +431,7 @@ def referenced_secrets(docs) -> set[str]:
     return names
 
 
-EXISTING_SECRETS = {"corp-redis", "s3-keys", "corp-tokens"}
+EXISTING_SECRETS = {"corp-redis", "s3-keys", "corp-tokens", "loraplane-tls"}
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -682,6 +690,127 @@ def test_data_plane_flags(rendered):
     assert all(isinstance(a, str) for a in c["args"])
 
 
+# --- TLS -----------------------------------------------------------------------------
+
+def _parse(component: str, c) -> Any:
+    parser = _parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # noqa: SLF001
+    if component not in sub.choices:
+        pytest.skip(f"the {component} subcommand is not in loraplane.cli yet")
+    return parser.parse_args(c["args"])
+
+
+@pytest.mark.parametrize("component", ["control-plane", "data-plane"])
+@pytest.mark.parametrize("scenario", sorted(TLS_SCENARIOS))
+def test_tls_args_parse_with_the_real_cli(rendered, scenario, component):
+    client_auth = TLS_SCENARIOS[scenario]
+    health = SCENARIOS[scenario]["tls"].get("healthPort", 8086)
+    args = _parse(component, container(one(rendered[scenario], "Deployment", component), component))
+    assert args.tls_cert == Path(TLS_DIR, "tls.crt") and args.tls_key == Path(TLS_DIR, "tls.key")
+    assert args.tls_client_ca == (Path(TLS_DIR, "ca.crt") if client_auth else None)
+    assert args.health_listen == f"0.0.0.0:{health}"
+    assert args.listen.endswith(":50051" if component == "control-plane" else ":50052")
+    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+           "health_listen": args.health_listen}
+    if component == "control-plane":
+        config = pytest.importorskip("control_plane.config")
+        config.ControlPlaneConfig(base_model=args.base_model, listen=args.listen, **tls)  # the servers' own checks
+        return
+    # The data plane dials the control plane over TLS, verifying it with the release's CA.
+    assert args.control_plane == "lp-loraplane-control-plane:50051"
+    assert args.control_plane_ca == Path(TLS_DIR, "ca.crt")
+    pair = (Path(TLS_DIR, "tls.crt"), Path(TLS_DIR, "tls.key")) if client_auth else (None, None)
+    assert (args.control_plane_client_cert, args.control_plane_client_key) == pair
+    config = pytest.importorskip("data_plane.server.config")
+    config.DataPlaneConfig(model=args.model, control_plane=args.control_plane, listen=args.listen, device="cpu",
+                           control_plane_ca=args.control_plane_ca,
+                           control_plane_client_cert=args.control_plane_client_cert,
+                           control_plane_client_key=args.control_plane_client_key, **tls)
+
+
+@pytest.mark.parametrize("component,port", [("control-plane", 50051), ("data-plane", 50052)])
+@pytest.mark.parametrize("scenario", sorted(TLS_SCENARIOS))
+def test_tls_probes_use_the_plaintext_health_port(rendered, scenario, component, port):
+    # The kubelet's gRPC probes cannot speak TLS: every probe goes to --health-listen.
+    health = SCENARIOS[scenario]["tls"].get("healthPort", 8086)
+    c = container(one(rendered[scenario], "Deployment", component), component)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["grpc"] == port and ports["health"] == health
+    assert flags(c)["--health-listen"] == [f"0.0.0.0:{health}"]
+    for probe, service in (("startupProbe", "startup"), ("readinessProbe", "readiness"),
+                           ("livenessProbe", "liveness")):
+        assert c[probe]["grpc"] == {"port": health, "service": service}
+    # Only the kubelet needs it: the Service keeps to the TLS port.
+    svc_ports = {p["name"] for p in one(rendered[scenario], "Service", component)["spec"]["ports"]}
+    assert "health" not in svc_ports and "grpc" in svc_ports
+
+
+@pytest.mark.parametrize("component", ["control-plane", "data-plane"])
+@pytest.mark.parametrize("scenario", sorted(TLS_SCENARIOS))
+def test_tls_secret_is_mounted_read_only(rendered, scenario, component):
+    wl = one(rendered[scenario], "Deployment", component)
+    assert volume(wl, "tls") == {"name": "tls", "secret": {
+        "secretName": "loraplane-tls", "defaultMode": 0o440,
+        "items": [{"key": k, "path": k} for k in ("tls.crt", "tls.key", "ca.crt")]}}
+    c = container(wl, component)
+    # A directory mount, not subPath: a renewed certificate reaches the files.
+    assert next(m for m in c["volumeMounts"] if m["name"] == "tls") == {
+        "name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+    # Mode 0440 files are readable through the group: the kubelet gives them fsGroup.
+    sc = pod_spec(wl)["securityContext"]
+    assert sc["fsGroup"] == sc["runAsGroup"] == 10001
+    # Every file a TLS flag names is one the volume provides.
+    provided = {f"{TLS_DIR}/{k}" for k in ("tls.crt", "tls.key", "ca.crt")}
+    named = [v for k, vs in flags(c).items() if k in TLS_FLAGS and k != "--health-listen" for v in vs]
+    assert named and set(named) <= provided
+
+
+@pytest.mark.parametrize("scenario", sorted(set(SCENARIOS) - set(TLS_SCENARIOS)))
+def test_no_tls_unless_enabled(rendered, scenario):
+    for component in ("control-plane", "data-plane"):
+        wl = one(rendered[scenario], "Deployment", component)
+        c = container(wl, component)
+        assert not [a for a in c["args"] if a.split("=", 1)[0] in TLS_FLAGS], (scenario, component)
+        assert "health" not in {p["name"] for p in c["ports"]}
+        assert {c[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == \
+            {{p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]}
+        assert "tls" not in {v["name"] for v in pod_spec(wl)["volumes"]}
+        assert "tls" not in {m["name"] for m in c["volumeMounts"]}
+
+
+def test_tls_settings_are_inert_while_disabled(chart):
+    # Everything but tls.enabled changes nothing, NOTES included: turning TLS off restores today's manifests.
+    fixed = {"auth": {"adminToken": "a", "distributionToken": "d"}, "redis": {"auth": {"password": "p"}}}
+    default = chart.render(fixed, name=RELEASE, namespace=NAMESPACE)
+    assert chart.render({**fixed, "tls": {"secretName": "loraplane-tls", "healthPort": 9443}},
+                        name=RELEASE, namespace=NAMESPACE) == default
+
+
+@pytest.mark.parametrize("scenario", ["default", *sorted(TLS_SCENARIOS)])
+def test_notes_commands_are_tls_aware(chart, scenario):
+    notes = chart.render(SCENARIOS[scenario], name=RELEASE, namespace=NAMESPACE)["loraplane/templates/NOTES.txt"]
+    commands = [shlex.split(line) for line in notes.splitlines() if line.strip().startswith("loraplane adapters")]
+    assert commands
+    parser = _parser()
+    for argv in commands:
+        args = parser.parse_args(argv[1:])  # the real CLI takes the flags where NOTES puts them
+        assert args.command == "adapters"
+        if scenario == "default":
+            assert args.ca_cert is None and args.client_cert is None
+            continue
+        assert args.ca_cert == Path("ca.crt")
+        client = (Path("client.crt"), Path("client.key")) if TLS_SCENARIOS[scenario] else (None, None)
+        assert (args.client_cert, args.client_key) == client
+    if scenario == "default":
+        assert "TLS" not in notes
+        return
+    assert "get secret loraplane-tls -o jsonpath='{.data.ca\\.crt}'" in notes
+    assert "export LORAPLANE_ADDRESS=localhost:50051" in notes
+    for name in ("lp-loraplane-control-plane,", "lp-loraplane-data-plane.serving.svc", "localhost"):
+        assert name in notes
+    assert ("clientAuth" in notes) == TLS_SCENARIOS[scenario]
+
+
 # --- values the schema or the templates refuse ----------------------------------
 
 @pytest.mark.parametrize("values,where", [
@@ -702,6 +831,10 @@ def test_data_plane_flags(rendered):
     ({"redisPrefix": "a b"}, "/redisPrefix"),
     ({"commonLabels": {"n": 1}}, "/commonLabels/n"),
     ({"controlPlan": {}}, "controlPlan"),
+    ({"tls": {"enabled": "yes"}}, "/tls/enabled"),
+    ({"tls": {"secretName": "Not_A_Name"}}, "/tls/secretName"),
+    ({"tls": {"healthPort": 0}}, "/tls/healthPort"),
+    ({"tls": {"clientCa": "ca.crt"}}, "clientCa"),
 ])
 def test_schema_rejects_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -721,6 +854,11 @@ def test_schema_rejects_bad_values(chart, values, where):
     ({"redis": {"enabled": False}, "externalRedis": {"sentinel": {"enabled": True}}}, "sentinel.hosts"),
     ({"dataPlane": {"gracePeriodSeconds": 30, "terminationGracePeriodSeconds": 30}}, "must exceed"),
     ({"controlPlane": {"image": {"tag": "LATEST"}}}, None),
+    ({"tls": {"enabled": True}}, "tls.enabled=true needs tls.secretName"),
+    ({"tls": {"clientAuth": True}}, "tls.clientAuth=true (mTLS) needs tls.enabled=true"),
+    ({"tls": {"enabled": True, "secretName": "t", "healthPort": 50051}}, "must differ from controlPlane.port"),
+    ({"tls": {"enabled": True, "secretName": "t", "healthPort": 50052}}, "must differ from dataPlane.port"),
+    ({"tls": {"enabled": True, "secretName": "t", "healthPort": 9090}}, "must differ from dataPlane.metricsPort"),
 ])
 def test_inconsistent_values_fail_the_render(chart, values, message):
     with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as err:

@@ -252,6 +252,50 @@ maxUnavailable: {{ .maxUnavailable }}
         path: distribution-token
 {{- end }}
 
+{{/*
+TLS (tls.enabled): the Secret tls.secretName, mounted as a directory (no subPath, so a
+renewed certificate reaches the files) at /etc/loraplane/tls on both planes.
+*/}}
+{{- define "loraplane.tls.volume" -}}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName | quote }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+
+{{- define "loraplane.tls.volumeMount" -}}
+- name: tls
+  mountPath: /etc/loraplane/tls
+  readOnly: true
+{{- end }}
+
+{{/*
+Server flags, both planes. The kubelet's gRPC probes speak plaintext only, so
+--health-listen opens a second port serving nothing but grpc.health.v1 (the
+same statuses as the main port) and the probes target it.
+*/}}
+{{- define "loraplane.tls.serverArgs" -}}
+- --tls-cert=/etc/loraplane/tls/tls.crt
+- --tls-key=/etc/loraplane/tls/tls.key
+{{- if .Values.tls.clientAuth }}
+- --tls-client-ca=/etc/loraplane/tls/ca.crt
+{{- end }}
+- --health-listen=0.0.0.0:{{ .Values.tls.healthPort | int }}
+{{- end }}
+
+{{- define "loraplane.tls.healthContainerPort" -}}
+- name: health
+  containerPort: {{ .Values.tls.healthPort | int }}
+  protocol: TCP
+{{- end }}
+
 {{/* The model directory the data plane loads; also where the download init container writes. */}}
 {{- define "loraplane.dataPlane.modelPath" -}}
 {{- $m := .Values.dataPlane.model }}
@@ -295,5 +339,19 @@ so they run on install, upgrade, template and lint alike.
 {{- end }}
 {{- if and (eq .Values.dataPlane.model.source "download") (not .Values.model.id) }}
 {{- fail "dataPlane.model.source=download needs model.id" }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.clientAuth (not $tls.enabled) }}
+{{- fail "tls.clientAuth=true (mTLS) needs tls.enabled=true and tls.secretName" }}
+{{- end }}
+{{- if $tls.enabled }}
+{{- if not $tls.secretName }}
+{{- fail "tls.enabled=true needs tls.secretName: an existing kubernetes.io/tls Secret holding tls.crt, tls.key and ca.crt (e.g. from cert-manager)" }}
+{{- end }}
+{{- range $name, $port := dict "controlPlane.port" .Values.controlPlane.port "dataPlane.port" .Values.dataPlane.port "dataPlane.metricsPort" .Values.dataPlane.metricsPort }}
+{{- if eq ($port | int) ($tls.healthPort | int) }}
+{{- fail (printf "tls.healthPort (%d) must differ from %s: it is a separate, plaintext, health-only listener" ($tls.healthPort | int) $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
