@@ -19,7 +19,12 @@ from control_plane.sources import SourceConfig
 from loraplane.auth import BearerTokenInterceptor
 from loraplane.embedded_redis import EmbeddedRedis
 from loraplane.errors import LoraplaneError
-from loraplane.grpc_server import GrpcServer, install_signal_handlers, server_credentials
+from loraplane.grpc_server import (
+    GrpcServer,
+    freeze_startup_heap,
+    install_signal_handlers,
+    server_credentials,
+)
 from loraplane.model_spec import ModelSpec
 from loraplane.v1 import (
     distribution_service_pb2,
@@ -150,6 +155,7 @@ async def serve(config: ControlPlaneConfig) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     plane = await ControlPlane(config).start()
+    logger.debug("%d start-up objects frozen out of the GC", freeze_startup_heap())
     try:
         await stop.wait()
         logger.info("signal received: draining for up to %.0fs", config.grace_period_s)

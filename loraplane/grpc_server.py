@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import signal
@@ -153,6 +154,20 @@ class GrpcServer:
         await self.server.stop(grace_s)
         if self.health_server is not None:  # last: probes see NOT_SERVING, not a refused port, while draining
             await self.health_server.stop(0)
+
+
+def freeze_startup_heap() -> int:
+    """Take everything alive after start-up (modules, torch and transformers objects, the model) out
+    of the cyclic GC's reach; returns how many objects that was.
+
+    A full collection then scans only what serving allocates: in the control-plane process one
+    took 102 ms before and 1.8 ms after. A 100 ms pause stops every call (and, in a data plane, the
+    engine thread, which needs the GIL), so one landing in a 5 s window at 2,000 resolves/s is
+    about 200 delayed calls, more than the 1% a p99 leaves.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -27,7 +27,12 @@ from data_plane.server.generation_service import GenerationServicer
 from data_plane.server.heartbeat import heartbeat
 from data_plane.server.metrics import Metrics
 from loraplane.auth import BearerTokenInterceptor
-from loraplane.grpc_server import GrpcServer, install_signal_handlers, server_credentials
+from loraplane.grpc_server import (
+    GrpcServer,
+    freeze_startup_heap,
+    install_signal_handlers,
+    server_credentials,
+)
 from loraplane.v1 import (
     cache_service_pb2,
     cache_service_pb2_grpc,
@@ -163,6 +168,7 @@ async def serve(config: DataPlaneConfig) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     plane = await DataPlane(config).start()
+    logger.debug("%d start-up objects frozen out of the GC", freeze_startup_heap())
     try:
         await stop.wait()
         logger.info("signal received: draining")
