@@ -43,6 +43,9 @@ class Ingestor:
         self.settings = settings
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._tasks: dict[str, asyncio.Task] = {}
+        # Set when the service stops: the orphan sweep starts nothing more (the leases of what it
+        # leaves expire, and another replica or the next start takes those jobs over).
+        self.closing = False
 
     def new_owner(self) -> str:
         """A lease owner for one job. Per job, not per replica: a job left over from a deleted
@@ -146,6 +149,8 @@ class Ingestor:
         started = 0
         for state in ACTIVE_STATES:
             for name in await self.registry.names_in(state):
+                if self.closing:
+                    return started
                 if name in self._tasks:
                     continue
                 owner = self.new_owner()
@@ -157,6 +162,7 @@ class Ingestor:
         return started
 
     async def close(self) -> None:
+        self.closing = True
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

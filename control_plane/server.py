@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 
@@ -20,7 +19,10 @@ from loraplane.auth import BearerTokenInterceptor
 from loraplane.embedded_redis import EmbeddedRedis
 from loraplane.errors import LoraplaneError
 from loraplane.grpc_server import (
+    STOP_STEP_S,
     GrpcServer,
+    bounded_step,
+    cancel_tasks,
     freeze_startup_heap,
     install_signal_handlers,
     server_credentials,
@@ -48,6 +50,7 @@ class ControlPlane:
         self.grpc: GrpcServer | None = None
         self.ingestor: Ingestor | None = None
         self._background: list[asyncio.Task] = []
+        self._stopping = False
         self.admin_token = config.admin_token
 
     @property
@@ -90,8 +93,9 @@ class ControlPlane:
         await self.grpc.start()
         if self.grpc.health_port:
             logger.info("plaintext gRPC health on port %d", self.grpc.health_port)
-        self._background = [asyncio.create_task(self._watch_health()), asyncio.create_task(self._sweep()),
-                            asyncio.create_task(distribution.follow_events())]
+        self._background = [asyncio.create_task(self._watch_health(), name="registry-health"),
+                            asyncio.create_task(self._sweep(), name="orphan-sweep"),
+                            asyncio.create_task(distribution.follow_events(), name="resolve-cache-events")]
         logger.info("control plane %s listening on port %d (base model %s, %s, artifacts in %s)", c.replica_id,
                     self.port, spec.name, "embedded redis" if self.embedded_redis else "external redis",
                     c.artifact_dir)
@@ -109,7 +113,7 @@ class ControlPlane:
     async def _watch_health(self) -> None:
         """Ready only while Redis answers; flips back on its own when Redis returns."""
         serving = None
-        while True:
+        while not self._stopping:
             try:
                 ok = await self.registry.ping()
             except LoraplaneError:
@@ -121,7 +125,7 @@ class ControlPlane:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     async def _sweep(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.ingestor.resume_orphans()
             except LoraplaneError as e:
@@ -129,19 +133,23 @@ class ControlPlane:
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def stop(self) -> None:
-        for task in self._background:
-            task.cancel()
-        if self.grpc:
-            await self.grpc.stop(self.config.grace_period_s)
+        """Drain and stop. Every step is bounded, so a SIGTERM always ends the process: a step that
+        overruns is logged by name and the rest still run."""
+        self._stopping = True
+        # The sweep and health loops first, while Redis is still open: a loop that lost its
+        # cancellation inside a Redis call must not keep resuming ingests during the drain.
+        await cancel_tasks(self._background)
         if self.ingestor:
-            await self.ingestor.close()
+            self.ingestor.closing = True  # no new ingest starts from here
+        if self.grpc:
+            await bounded_step("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
+                               self.config.grace_period_s + STOP_STEP_S)
+        if self.ingestor:
+            await bounded_step("cancelling ingests", self.ingestor.close())
         if self.registry:
-            await self.registry.close()
+            await bounded_step("closing the Redis connection", self.registry.close())
         if self.embedded_redis:
-            await asyncio.to_thread(self.embedded_redis.stop)
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await bounded_step("stopping the embedded Redis", asyncio.to_thread(self.embedded_redis.stop))
         logger.info("control plane stopped")
 
 

@@ -170,6 +170,30 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+STOP_STEP_S = 10.0  # the longest any one shutdown step may take past its own grace
+
+
+async def bounded_step(what: str, step, timeout_s: float = STOP_STEP_S) -> None:
+    """Await one shutdown step for at most timeout_s; an overrun is logged and shutdown goes on,
+    so a SIGTERM always ends the process."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
+        logger.error("stopping: %s took over %.0fs; going on without it", what, timeout_s)
+
+
+async def cancel_tasks(tasks, timeout_s: float = STOP_STEP_S) -> None:
+    """Cancel background tasks and wait for them, at most timeout_s; any still running is logged."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        logger.error("stopping: background task %s ignored cancellation for %.0fs", task.get_name(), timeout_s)
+
+
 def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

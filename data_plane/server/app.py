@@ -28,7 +28,10 @@ from data_plane.server.heartbeat import heartbeat
 from data_plane.server.metrics import Metrics
 from loraplane.auth import BearerTokenInterceptor
 from loraplane.grpc_server import (
+    STOP_STEP_S,
     GrpcServer,
+    bounded_step,
+    cancel_tasks,
     freeze_startup_heap,
     install_signal_handlers,
     server_credentials,
@@ -44,7 +47,6 @@ logger = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 CACHE_SERVICE = cache_service_pb2.DESCRIPTOR.services_by_name["AdapterCacheService"].full_name
 MAX_QUEUE_FACTOR = 8  # queued + running requests a replica accepts, per max_num_seqs
-STOP_STEP_S = 10.0  # the longest any one shutdown step may take past its own grace
 
 
 class DataPlane:
@@ -133,35 +135,21 @@ class DataPlane:
             await self.grpc.set_serving(False)
             logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active,
                         self.config.grace_period_s)
-            await _bounded("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
-                           self.config.grace_period_s + STOP_STEP_S)
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=STOP_STEP_S)
-            for task in pending:
-                logger.error("stopping: background task %s ignored cancellation for %.0fs", task.get_name(),
-                             STOP_STEP_S)
+            await bounded_step("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
+                               self.config.grace_period_s + STOP_STEP_S)
+        await cancel_tasks(self._tasks)
         if self.engine_loop:
             await asyncio.to_thread(self.engine_loop.stop)
-        await _bounded("closing the control-plane channel", self.fetcher.close())
+        await bounded_step("closing the control-plane channel", self.fetcher.close())
         if self.registry:
             with contextlib.suppress(RedisError):  # best effort: the TTL removes it anyway
-                await _bounded("removing the heartbeat key",
-                               self.registry.client.delete(self.registry.replica_key(self.config.replica_id)))
-            await _bounded("closing the Redis connection", self.registry.close())
+                await bounded_step("removing the heartbeat key",
+                                   self.registry.client.delete(self.registry.replica_key(self.config.replica_id)))
+            await bounded_step("closing the Redis connection", self.registry.close())
         if self._metrics_server:
             server, _thread = self._metrics_server
             server.shutdown()
         logger.info("data plane stopped")
-
-
-async def _bounded(what: str, step, timeout_s: float | None = None) -> None:
-    timeout_s = STOP_STEP_S if timeout_s is None else timeout_s
-    try:
-        await asyncio.wait_for(step, timeout_s)
-    except asyncio.TimeoutError:  # not the builtin before Python 3.11
-        logger.error("stopping: %s took over %.0fs; going on without it", what, timeout_s)
 
 
 async def serve(config: DataPlaneConfig) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+import time
 
 import pytest
 
-from loraplane.grpc_server import check_address, freeze_startup_heap
+from loraplane.grpc_server import bounded_step, cancel_tasks, check_address, freeze_startup_heap
 
 
 @pytest.mark.parametrize("good", ["127.0.0.1:0", "0.0.0.0:50051", "[::]:8086", "localhost:65535"])
@@ -33,3 +36,33 @@ def test_freezing_the_start_up_heap_takes_it_out_of_full_collections():
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_shutdown_steps_are_bounded(caplog):
+    """A step that hangs, or a task that ignores cancel(), costs at most its bound, and is logged."""
+
+    async def stubborn():
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue  # what a library that swallows cancellation looks like from outside
+
+    async def main() -> float:
+        start = time.perf_counter()
+        task = asyncio.create_task(stubborn(), name="stubborn-loop")
+        polite = asyncio.create_task(asyncio.sleep(10), name="polite")
+        await asyncio.sleep(0)
+        await cancel_tasks([task, polite], timeout_s=0.2)
+        await bounded_step("a hung step", asyncio.sleep(10), timeout_s=0.2)
+        elapsed = time.perf_counter() - start
+        assert polite.cancelled() and not task.done()
+        task.get_coro().close()  # a coroutine that never returns: drop it without running it again
+        return elapsed
+
+    with caplog.at_level(logging.ERROR, logger="loraplane.grpc_server"):
+        assert asyncio.run(main()) < 2.0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stubborn-loop ignored cancellation" in m for m in messages)
+    assert not any("polite" in m for m in messages)
+    assert any("a hung step took over" in m for m in messages)
