@@ -26,14 +26,15 @@ def test_addresses_that_cannot(bad):
 def test_freezing_the_start_up_heap_takes_it_out_of_full_collections():
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 1000  # at least pytest's and the project's modules
+        assert frozen > 1000  # at least pytest's and the project's modules
         kept = [object() for _ in range(10)]
         # What is allocated after the freeze stays collectable: a new cycle is freed by a full pass.
         cycle = [kept]
         cycle.append(cycle)
         del cycle
         assert gc.collect(2) >= 1
-        assert gc.get_freeze_count() == frozen
+        # Frozen objects stay out of collections (their count only falls as refcounts free some).
+        assert 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
 
