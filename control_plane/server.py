@@ -19,7 +19,6 @@ from loraplane.auth import BearerTokenInterceptor
 from loraplane.embedded_redis import EmbeddedRedis
 from loraplane.errors import LoraplaneError
 from loraplane.grpc_server import (
-    STOP_STEP_S,
     GrpcServer,
     bounded_step,
     cancel_tasks,
@@ -91,8 +90,6 @@ class ControlPlane:
         if c.health_listen is not None:
             self.grpc.listen_health(c.health_listen)
         await self.grpc.start()
-        if self.grpc.health_port:
-            logger.info("plaintext gRPC health on port %d", self.grpc.health_port)
         self._background = [asyncio.create_task(self._watch_health(), name="registry-health"),
                             asyncio.create_task(self._sweep(), name="orphan-sweep"),
                             asyncio.create_task(distribution.follow_events(), name="resolve-cache-events")]
@@ -140,10 +137,9 @@ class ControlPlane:
         # cancellation inside a Redis call must not keep resuming ingests during the drain.
         await cancel_tasks(self._background)
         if self.ingestor:
-            self.ingestor.closing = True  # no new ingest starts from here
+            self.ingestor.closing = True  # a sweep that outlived its cancel resumes nothing more
         if self.grpc:
-            await bounded_step("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
-                               self.config.grace_period_s + STOP_STEP_S)
+            await self.grpc.drain(self.config.grace_period_s)
         if self.ingestor:
             await bounded_step("cancelling ingests", self.ingestor.close())
         if self.registry:

@@ -131,6 +131,7 @@ class GrpcServer:
         self.health_port = self.health_server.add_insecure_port(address)
         if not self.health_port:
             raise OSError(f"could not listen on {address} (health)")
+        logger.info("plaintext gRPC health on port %d", self.health_port)
         return self.health_port
 
     async def set_serving(self, serving: bool) -> None:
@@ -154,6 +155,10 @@ class GrpcServer:
         await self.server.stop(grace_s)
         if self.health_server is not None:  # last: probes see NOT_SERVING, not a refused port, while draining
             await self.health_server.stop(0)
+
+    async def drain(self, grace_s: float) -> None:
+        """stop(), bounded: in-flight calls get grace_s, and the whole drain at most STOP_STEP_S more."""
+        await bounded_step("the gRPC server drain", self.stop(grace_s), grace_s + STOP_STEP_S)
 
 
 def freeze_startup_heap() -> int:

@@ -28,7 +28,6 @@ from data_plane.server.heartbeat import heartbeat
 from data_plane.server.metrics import Metrics
 from loraplane.auth import BearerTokenInterceptor
 from loraplane.grpc_server import (
-    STOP_STEP_S,
     GrpcServer,
     bounded_step,
     cancel_tasks,
@@ -106,8 +105,6 @@ class DataPlane:
         if c.health_listen is not None:
             self.grpc.listen_health(c.health_listen)
         await self.grpc.start()
-        if self.grpc.health_port:
-            logger.info("plaintext gRPC health on port %d", self.grpc.health_port)
         address = c.advertise_address or c.listen.replace("0.0.0.0", "127.0.0.1").rsplit(":", 1)[0] + f":{self.port}"
         if c.redis_url:
             self.registry = Registry.from_url(c.redis_url, c.redis_prefix)
@@ -135,8 +132,7 @@ class DataPlane:
             await self.grpc.set_serving(False)
             logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active,
                         self.config.grace_period_s)
-            await bounded_step("the gRPC server drain", self.grpc.stop(self.config.grace_period_s),
-                               self.config.grace_period_s + STOP_STEP_S)
+            await self.grpc.drain(self.config.grace_period_s)
         await cancel_tasks(self._tasks)
         if self.engine_loop:
             await asyncio.to_thread(self.engine_loop.stop)
