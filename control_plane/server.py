@@ -24,9 +24,9 @@ from loraplane.grpc_server import (
     cancel_tasks,
     freeze_startup_heap,
     install_signal_handlers,
-    server_credentials,
 )
 from loraplane.model_spec import ModelSpec
+from loraplane.tls import server_credentials
 from loraplane.v1 import (
     distribution_service_pb2,
     distribution_service_pb2_grpc,

@@ -7,7 +7,6 @@ import gc
 import inspect
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,14 +37,6 @@ def check_address(name: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{name} must be HOST:PORT, got {value!r}")
-
-
-def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
-    if not cert:
-        return None
-    ca = Path(client_ca).read_bytes() if client_ca else None
-    return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())],
-                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 class _Undecodable:

@@ -16,6 +16,7 @@ import grpc
 from loraplane.auth import bearer
 from loraplane.errors import LoraplaneError
 from loraplane.grpc_server import MAX_MESSAGE_BYTES
+from loraplane.tls import ClientTlsFiles
 from loraplane.v1 import adapter_pb2
 from loraplane.v1 import distribution_service_pb2 as dist_pb2
 from loraplane.v1 import distribution_service_pb2_grpc as dist_grpc
@@ -30,9 +31,8 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 class FetcherConfig:
     target: str
     token: str | None = None
-    root_certificates: bytes | None = None
-    client_cert: tuple[bytes, bytes] | None = None  # (private key, certificate chain) for mTLS
-    tls: bool = False
+    tls_files: ClientTlsFiles | None = None  # TLS with this CA (and client certificate), followed as it rotates
+    tls: bool = False                        # TLS with the system's roots, when tls_files is None
     timeout_s: float = 30.0
     retries: int = 3
     backoff_s: float = 0.2
@@ -48,24 +48,49 @@ class FetcherConfig:
 class Fetcher:
     def __init__(self, config: FetcherConfig):
         self.config = config
+        self.metadata = bearer(config.token) if config.token else ()
+        self._sem = asyncio.Semaphore(config.max_concurrent)
+        self.fetches = 0  # artifacts actually streamed, for tests and metrics
+        self._tls_stamp = config.tls_files.stamp() if config.tls_files else None
+        self._retired: set[asyncio.Task] = set()  # old channels finishing their calls after a rotation
+        self._connect(config.tls_files.credentials() if config.tls_files else
+                      grpc.ssl_channel_credentials() if config.tls else None)
+
+    def _connect(self, credentials: grpc.ChannelCredentials | None) -> None:
         # Reconnect quickly once a restarted control plane is back, not after gRPC's default 2-minute cap.
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
-        if config.tls or config.root_certificates or config.client_cert:
-            key, chain = config.client_cert or (None, None)
-            creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates, private_key=key,
-                                                 certificate_chain=chain)
-            self.channel = grpc.aio.secure_channel(config.target, creds, options)
-        else:
-            self.channel = grpc.aio.insecure_channel(config.target, options)
+        self.channel = (grpc.aio.secure_channel(self.config.target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(self.config.target, options))
         self.stub = dist_grpc.AdapterDistributionServiceStub(self.channel)
-        self.metadata = bearer(config.token) if config.token else ()
-        self._sem = asyncio.Semaphore(config.max_concurrent)
-        self.fetches = 0  # artifacts actually streamed, for tests and metrics
+
+    def _follow_rotation(self) -> None:
+        """A new channel when the TLS files changed: a handshake presents the certificate it was built
+        with, so a long-lived channel would keep an expired one. Calls in flight finish on the old one."""
+        files = self.config.tls_files
+        stamp = files.stamp() if files else None
+        if stamp is None or stamp == self._tls_stamp:
+            return
+        try:
+            credentials = files.credentials()
+        except OSError as e:  # caught mid-rotation: the next call tries again
+            logger.warning("control-plane TLS files changed but could not be read (%s); keeping the current "
+                           "channel", e)
+            return
+        old = self.channel
+        self._connect(credentials)
+        self._tls_stamp = stamp
+        task = asyncio.get_running_loop().create_task(old.close(grace=self.config.timeout_s))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        logger.info("control-plane TLS files changed (%s); new calls use a new channel",
+                    ", ".join(str(p) for p in files.paths))
 
     async def close(self) -> None:
         await self.channel.close()
+        for task in list(self._retired):
+            await task
 
     def _unavailable(self, error: grpc.RpcError) -> LoraplaneError:
         detail = f": {error.code().name} {error.details()}"
@@ -93,6 +118,7 @@ class Fetcher:
 
     async def resolve(self, ref: str) -> adapter_pb2.AdapterManifest:
         async def attempt():
+            self._follow_rotation()
             resp = await self.stub.ResolveAdapter(dist_pb2.ResolveAdapterRequest(name=ref), metadata=self.metadata,
                                                   timeout=self.config.timeout_s)
             return resp.manifest
@@ -105,6 +131,7 @@ class Fetcher:
             received = bytearray()
 
             async def attempt():
+                self._follow_rotation()
                 if received:
                     logger.info("resuming the fetch of %s at byte %d", name, len(received))
                 call = self.stub.FetchAdapter(

@@ -33,8 +33,8 @@ from loraplane.grpc_server import (
     cancel_tasks,
     freeze_startup_heap,
     install_signal_handlers,
-    server_credentials,
 )
+from loraplane.tls import ClientTlsFiles, server_credentials
 from loraplane.v1 import (
     cache_service_pb2,
     cache_service_pb2_grpc,
@@ -82,11 +82,9 @@ class DataPlane:
         self.engine_loop = await asyncio.to_thread(EngineLoop.build_and_start, self._engine, cpu, slots,
                                                    self.metrics.promoted)
         engine = self.engine_loop.engine
-        ca = Path(c.control_plane_ca).read_bytes() if c.control_plane_ca else None
-        client_cert = ((Path(c.control_plane_client_key).read_bytes(), Path(c.control_plane_client_cert).read_bytes())
-                       if c.control_plane_client_cert else None)
-        self.fetcher = Fetcher(FetcherConfig(c.control_plane, c.distribution_token, root_certificates=ca,
-                                             client_cert=client_cert,
+        tls_files = (ClientTlsFiles(c.control_plane_ca, c.control_plane_client_cert, c.control_plane_client_key)
+                     if c.control_plane_ca or c.control_plane_client_cert else None)
+        self.fetcher = Fetcher(FetcherConfig(c.control_plane, c.distribution_token, tls_files=tls_files,
                                              timeout_s=c.fetch_timeout_s, retries=c.fetch_retries))
         self.cache = AdapterCache(self.fetcher, cpu, disk, self.metrics)
         info = generation_service_pb2.GetModelInfoResponse(

@@ -20,6 +20,7 @@ from loraplane.client import Client
 from loraplane.errors import LoraplaneError
 
 S = grpc.StatusCode
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -275,3 +276,87 @@ def test_tls_settings_that_would_silently_weaken_are_refused(base_model, pki):
                 dict(control_plane_client_cert=pki.client_cert)):
         with pytest.raises(ValueError):
             DataPlaneConfig(**common, **bad)
+
+
+def _health(address: str, ca: bytes, client_pair: tuple[bytes, bytes] | None = None) -> int:
+    """Liveness (SERVING from the moment the port is up) over a new connection, trusting only `ca`."""
+    key, chain = client_pair or (None, None)
+    # A private subchannel pool: a new channel must not reuse a connection (and its handshake) from before.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, chain), options) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"),
+                                                          timeout=5).status
+
+
+def _move_in(path: Path, data: bytes) -> None:
+    """Replace a file the way the kubelet updates a mounted Secret: write beside it, then rename over it."""
+    staged = path.with_suffix(".staged")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_a_rotated_certificate_is_served_without_a_restart(cp_factory, pki, tmp_path, mutual):
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    cp = cp_factory(tls_cert=cert, tls_key=key, tls_client_ca=pki.ca if mutual else None)
+    old_ca, client = pki.ca.read_bytes(), pki.client_pair() if mutual else None
+    assert _health(cp.address, old_ca, client) == SERVING
+
+    # Mid-rotation the key is gone for a moment: new connections still get the current certificate.
+    key.unlink()
+    assert _health(cp.address, old_ca, client) == SERVING
+
+    # The new pair comes from another CA, so which certificate a handshake got is unambiguous.
+    ca_key, server_key = _key(), _key()
+    new_ca = _cert(ca_key, "rotated CA", ca_key, "rotated CA", ca=True).public_bytes(serialization.Encoding.PEM)
+    new_cert = _cert(server_key, "localhost", ca_key, "rotated CA", server=True)
+    _move_in(cert, new_cert.public_bytes(serialization.Encoding.PEM))
+    _move_in(key, server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    assert _health(cp.address, new_ca, client) == SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        _health(cp.address, old_ca, client)
+    assert e.value.code() == S.UNAVAILABLE
+    if mutual:  # the client CA did not change: a client without a certificate is still refused
+        with pytest.raises(grpc.RpcError) as e:
+            _health(cp.address, new_ca)
+        assert e.value.code() == S.UNAVAILABLE
+
+
+def test_the_data_planes_channel_follows_its_rotated_tls_files(cp_factory, pki, tmp_path, good_adapter):
+    import asyncio
+    import hashlib
+
+    from data_plane.lora.fetcher import Fetcher, FetcherConfig
+    from loraplane.tls import ClientTlsFiles
+    from loraplane.v1 import errors_pb2 as R
+
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    with Client(cp.address, cp.token, root_certificates=pki.ca.read_bytes(), client_cert=pki.client_pair(),
+                timeout=10) as c:
+        c.create_adapter("rotating", str(good_adapter), wait=True)
+    # Start with the wrong trust and identity, as an expired or superseded pair would be.
+    ca, cert, key = tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key"
+    for path, source in ((ca, pki.rogue_ca), (cert, pki.rogue_client_cert), (key, pki.rogue_client_key)):
+        path.write_bytes(source.read_bytes())
+
+    async def run():
+        fetcher = Fetcher(FetcherConfig(cp.address, tls_files=ClientTlsFiles(ca, cert, key), retries=0,
+                                        timeout_s=5))
+        try:
+            with pytest.raises(LoraplaneError) as e:
+                await fetcher.resolve("rotating")
+            assert e.value.reason == R.ERROR_REASON_CONTROL_PLANE_UNAVAILABLE
+            for path, source in ((ca, pki.ca), (cert, pki.client_cert), (key, pki.client_key)):
+                _move_in(path, source.read_bytes())
+            manifest = await fetcher.resolve("rotating")  # the same Fetcher: no restart
+            data = await fetcher.fetch(manifest.name, manifest.version)
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == manifest.version
+        finally:
+            await fetcher.close()
+
+    asyncio.run(run())
