@@ -18,7 +18,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# fp16 needs CPU instructions (avx512_fp16 / avx_ne_convert) that most servers lack: it stays plain.
+# bf16 needs avx512bw/vl/dq or avx_ne_convert (an AVX2-only host gets a RuntimeError at the reorder),
+# fp16 avx512_fp16 or avx_ne_convert, which most servers lack: fp16 stays plain everywhere.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -49,13 +50,20 @@ class OneDnnLinear(nn.Module):
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type == "cpu" and dtype in SUPPORTED_DTYPES and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and (dtype != torch.bfloat16 or _cpu_has_bf16()))
+
+
+def _cpu_has_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def use_onednn_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
     """Swap every nn.Linear inside `model` (wrapped ones included) for a OneDnnLinear; returns how many.
 
-    A no-op returning 0 where oneDNN cannot serve (not CPU, fp16, a torch built without it).
+    A no-op returning 0 where oneDNN cannot serve (not CPU, fp16, bf16 on a CPU without the
+    instructions for it, a torch built without it).
     """
     if not available(device, dtype):
         return 0
