@@ -6,20 +6,26 @@ old certificate until it expired.
 
 - Servers: gRPC asks `CertificateFiles.fetch` before every new connection's handshake, and it
   answers with a new configuration only when a file's mtime, size or inode moved.
-- Clients (the data plane's channel to the control plane): `ClientTlsFiles.stamp` tells the owner
-  of a channel when to build a new one from `ClientTlsFiles.credentials`.
+- Clients (the data plane's channel to the control plane): `ClientTlsFiles.poll` hands the owner
+  of a channel new credentials to build a new one from.
+
+Both check a new set before taking it (the key matches the certificate, the CA parses): gRPC would
+otherwise keep the old certificate, log the failure only in its core, and never look again.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 _NOT_YET = object()
 
 
@@ -29,95 +35,105 @@ def files_stamp(paths) -> tuple:
     return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in (Path(p).stat() for p in paths))
 
 
-class CertificateFiles:
-    """The server's certificate chain, key and (for mTLS) client CA, as files on disk."""
+def check_pem(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """ssl.SSLError (an OSError) unless the key matches the certificate and the CA parses."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(cafile=ca)
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None):
-        self.paths = tuple(Path(p) for p in (cert, key, client_ca) if p is not None)
-        self.cert, self.key, self.client_ca = Path(cert), Path(key), client_ca and Path(client_ca)
-        self._lock = threading.Lock()  # gRPC may call fetch from several handshakes at once
-        self._stamp = self._read_stamp()  # start-up errors (a missing file) propagate: nothing to serve yet
-        self.initial = self._load()
-        self._failed_stamp: object = _NOT_YET
+
+class WatchedFiles(Generic[T]):
+    """`load()` of some files, done again when they change. Never raises after the first load."""
+
+    def __init__(self, paths: tuple[Path, ...], load: Callable[[], T], what: str):
+        self.paths, self._load, self.what = paths, load, what
+        self._stamp = files_stamp(paths)  # start-up errors (a missing file) propagate: nothing to serve yet
+        self.initial = load()
+        self._failed: object = _NOT_YET
         self.reloads = 0
 
-    def _read_stamp(self) -> tuple:
-        return files_stamp(self.paths)
+    def poll(self) -> T | None:
+        """A new load when the files changed since the last one, else None (keep the current).
+
+        Files caught mid-rotation (missing, unreadable, a key that does not match yet) keep the
+        current value in service, with one warning per state of the files; the next poll tries again.
+        """
+        try:
+            stamp = files_stamp(self.paths)
+        except OSError as e:
+            return self._keep_current(None, e)
+        if stamp == self._stamp:
+            return None
+        try:
+            value = self._load()
+            if files_stamp(self.paths) != stamp:
+                raise OSError("the files changed while they were read")
+        except OSError as e:
+            return self._keep_current(stamp, e)
+        self._stamp, self._failed = stamp, _NOT_YET
+        self.reloads += 1
+        logger.info("%s reloaded from %s", self.what, ", ".join(str(p) for p in self.paths))
+        return value
+
+    def _keep_current(self, stamp: tuple | None, error: OSError) -> None:
+        # stamp None: a file is missing; else the stamp of files that exist but would not load.
+        if stamp != self._failed:
+            logger.warning("%s files changed but could not be loaded (%s); keeping the current ones",
+                           self.what, error)
+        self._failed = stamp
+        return None
+
+
+class CertificateFiles:
+    """A server's certificate chain, key and (for mTLS) client CA, as files on disk."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None):
+        self.cert, self.key, self.client_ca = Path(cert), Path(key), Path(client_ca) if client_ca else None
+        self._lock = threading.Lock()  # gRPC may call fetch from several handshakes at once
+        paths = tuple(p for p in (self.cert, self.key, self.client_ca) if p)
+        self.watched = WatchedFiles(paths, self._load, "TLS certificate")
+        self.initial = self.watched.initial
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
+        check_pem(self.cert, self.key, self.client_ca)
         ca = self.client_ca.read_bytes() if self.client_ca else None
         return grpc.ssl_server_certificate_configuration([(self.key.read_bytes(), self.cert.read_bytes())],
                                                          root_certificates=ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """A new configuration when the files changed since the last load, else None (keep the current).
-
-        Never raises: a file caught mid-rotation (missing or unreadable) keeps the current certificate
-        in service, and the next connection tries again. A file still being written changes again when
-        it is done, and is loaded then.
-        """
         with self._lock:
-            try:
-                stamp = self._read_stamp()
-            except OSError as e:
-                return self._keep_current(None, e)
-            if stamp == self._stamp:
-                return None
-            try:
-                config = self._load()
-            except OSError as e:
-                return self._keep_current(stamp, e)
-            self._stamp = stamp
-            self.reloads += 1
-            logger.info("TLS certificate reloaded from %s", ", ".join(str(p) for p in self.paths))
-            return config
-
-    def _keep_current(self, stamp: tuple | None, error: OSError) -> None:
-        # stamp None: a file is missing; else the stamp of files that exist but would not read.
-        if stamp != self._failed_stamp:  # once per state of the files, not once per connection
-            logger.warning("TLS files changed but could not be read (%s); still serving the previous "
-                           "certificate", error)
-        self._failed_stamp = stamp
-        return None
+            return self.watched.poll()
 
 
-def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
-    """Plaintext (None) without a certificate; otherwise TLS, mutual when client_ca is set, that follows
-    the files as they are rotated."""
-    if not cert:
-        return None
-    files = CertificateFiles(cert, key, client_ca)
-    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
-                                               require_client_authentication=client_ca is not None)
-
-
-@dataclass(frozen=True)
 class ClientTlsFiles:
     """A client's trust and identity as files: the CA to verify the server with (None: the system's
     roots) and, for mTLS, a certificate and its key."""
 
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-    def __post_init__(self) -> None:
-        if bool(self.cert) != bool(self.key):
+    def __init__(self, ca: Path | None = None, cert: Path | None = None, key: Path | None = None):
+        if bool(cert) != bool(key):
             raise ValueError("a client certificate and its key go together")
+        self.ca, self.cert, self.key = (Path(p) if p else None for p in (ca, cert, key))
+        paths = tuple(p for p in (self.ca, self.cert, self.key) if p)
+        self.watched = WatchedFiles(paths, self._load, "control-plane TLS")
+        self.initial = self.watched.initial
 
-    @property
-    def paths(self) -> tuple[Path, ...]:
-        return tuple(Path(p) for p in (self.ca, self.cert, self.key) if p)
-
-    def stamp(self) -> tuple | None:
-        """files_stamp of the files, or None while one is missing (mid-rotation)."""
-        try:
-            return files_stamp(self.paths)
-        except OSError:
-            return None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """Read now; OSError if a file cannot be read."""
-        ca = Path(self.ca).read_bytes() if self.ca else None
-        key = Path(self.key).read_bytes() if self.key else None
-        chain = Path(self.cert).read_bytes() if self.cert else None
+    def _load(self) -> grpc.ChannelCredentials:
+        check_pem(self.cert, self.key, self.ca)
+        ca, key, chain = (p.read_bytes() if p else None for p in (self.ca, self.key, self.cert))
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
+
+    def poll(self) -> grpc.ChannelCredentials | None:
+        """New credentials when the files changed (and check out), else None."""
+        return self.watched.poll()
+
+
+def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
+    """Plaintext (None) without a certificate; otherwise TLS, mutual when client_ca is set, that follows
+    the files as they are rotated. One call per port: gRPC takes the initial configuration once."""
+    if not cert:
+        return None
+    files = CertificateFiles(cert, key, client_ca)
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
+                                               require_client_authentication=bool(client_ca))

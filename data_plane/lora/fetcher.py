@@ -51,9 +51,10 @@ class Fetcher:
         self.metadata = bearer(config.token) if config.token else ()
         self._sem = asyncio.Semaphore(config.max_concurrent)
         self.fetches = 0  # artifacts actually streamed, for tests and metrics
-        self._tls_stamp = config.tls_files.stamp() if config.tls_files else None
-        self._retired: set[asyncio.Task] = set()  # old channels finishing their calls after a rotation
-        self._connect(config.tls_files.credentials() if config.tls_files else
+        self._closed = False
+        # Channels replaced after a TLS rotation, finishing their calls in flight: (channel, closing task).
+        self._retired: list[tuple[grpc.aio.Channel, asyncio.Task]] = []
+        self._connect(config.tls_files.initial if config.tls_files else
                       grpc.ssl_channel_credentials() if config.tls else None)
 
     def _connect(self, credentials: grpc.ChannelCredentials | None) -> None:
@@ -68,29 +69,23 @@ class Fetcher:
     def _follow_rotation(self) -> None:
         """A new channel when the TLS files changed: a handshake presents the certificate it was built
         with, so a long-lived channel would keep an expired one. Calls in flight finish on the old one."""
-        files = self.config.tls_files
-        stamp = files.stamp() if files else None
-        if stamp is None or stamp == self._tls_stamp:
-            return
-        try:
-            credentials = files.credentials()
-        except OSError as e:  # caught mid-rotation: the next call tries again
-            logger.warning("control-plane TLS files changed but could not be read (%s); keeping the current "
-                           "channel", e)
+        credentials = self.config.tls_files.poll() if self.config.tls_files and not self._closed else None
+        if credentials is None:
             return
         old = self.channel
         self._connect(credentials)
-        self._tls_stamp = stamp
-        task = asyncio.get_running_loop().create_task(old.close(grace=self.config.timeout_s))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
-        logger.info("control-plane TLS files changed (%s); new calls use a new channel",
-                    ", ".join(str(p) for p in files.paths))
+        self._retired.append((old, asyncio.get_running_loop().create_task(old.close(grace=self.config.timeout_s))))
 
     async def close(self) -> None:
-        await self.channel.close()
-        for task in list(self._retired):
-            await task
+        """Closes every channel now, a retired one still finishing its calls included."""
+        self._closed = True
+        for _, closing in self._retired:
+            closing.cancel()
+        channels = [self.channel, *(channel for channel, _ in self._retired)]
+        results = await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                logger.warning("closing a channel to the control plane failed: %r", result)
 
     def _unavailable(self, error: grpc.RpcError) -> LoraplaneError:
         detail = f": {error.code().name} {error.details()}"

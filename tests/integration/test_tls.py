@@ -6,7 +6,6 @@ certificate, and a rogue CA with its own client certificate that nothing should 
 
 from __future__ import annotations
 
-import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplane.cli import main
 from loraplane.client import Client
 from loraplane.errors import LoraplaneError
+from tests.pki import new_cert, new_key, write_pem
 
 S = grpc.StatusCode
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -41,76 +41,25 @@ class Pki:
         return self.client_key.read_bytes(), self.client_cert.read_bytes()
 
 
-def _key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(cn: str):
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject_key, subject: str, issuer_key, issuer: str, *, ca: bool = False, server: bool = False):
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(subject_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-            decipher_only=False), critical=True)
-    elif server:
-        builder = (builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
-    else:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, key=None, cert=None) -> Path:
-    from cryptography.hazmat.primitives import serialization
-
-    if key is not None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-    else:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     pytest.importorskip("cryptography")
     d = tmp_path_factory.mktemp("pki")
-    ca_key, rogue_key = _key(), _key()
-    ca = _cert(ca_key, "loraplane test CA", ca_key, "loraplane test CA", ca=True)
-    rogue = _cert(rogue_key, "rogue CA", rogue_key, "rogue CA", ca=True)
-    server_key, client_key, rogue_client_key = _key(), _key(), _key()
+    ca_key, rogue_key = new_key(), new_key()
+    ca = new_cert(ca_key, "loraplane test CA", ca_key, "loraplane test CA", ca=True)
+    rogue = new_cert(rogue_key, "rogue CA", rogue_key, "rogue CA", ca=True)
+    server_key, client_key, rogue_client_key = new_key(), new_key(), new_key()
     return Pki(
-        ca=_write(d / "ca.pem", cert=ca),
-        server_cert=_write(d / "server.pem", cert=_cert(server_key, "localhost", ca_key, "loraplane test CA",
+        ca=write_pem(d / "ca.pem", cert=ca),
+        server_cert=write_pem(d / "server.pem", cert=new_cert(server_key, "localhost", ca_key, "loraplane test CA",
                                                         server=True)),
-        server_key=_write(d / "server.key", key=server_key),
-        client_cert=_write(d / "client.pem", cert=_cert(client_key, "data-plane", ca_key, "loraplane test CA")),
-        client_key=_write(d / "client.key", key=client_key),
-        rogue_ca=_write(d / "rogue-ca.pem", cert=rogue),
-        rogue_client_cert=_write(d / "rogue-client.pem", cert=_cert(rogue_client_key, "intruder", rogue_key,
+        server_key=write_pem(d / "server.key", key=server_key),
+        client_cert=write_pem(d / "client.pem", cert=new_cert(client_key, "data-plane", ca_key, "loraplane test CA")),
+        client_key=write_pem(d / "client.key", key=client_key),
+        rogue_ca=write_pem(d / "rogue-ca.pem", cert=rogue),
+        rogue_client_cert=write_pem(d / "rogue-client.pem", cert=new_cert(rogue_client_key, "intruder", rogue_key,
                                                                     "rogue CA")),
-        rogue_client_key=_write(d / "rogue-client.key", key=rogue_client_key),
+        rogue_client_key=write_pem(d / "rogue-client.key", key=rogue_client_key),
     )
 
 
@@ -311,10 +260,10 @@ def test_a_rotated_certificate_is_served_without_a_restart(cp_factory, pki, tmp_
     assert _health(cp.address, old_ca, client) == SERVING
 
     # The new pair comes from another CA, so which certificate a handshake got is unambiguous.
-    ca_key, server_key = _key(), _key()
-    new_ca = _cert(ca_key, "rotated CA", ca_key, "rotated CA", ca=True).public_bytes(serialization.Encoding.PEM)
-    new_cert = _cert(server_key, "localhost", ca_key, "rotated CA", server=True)
-    _move_in(cert, new_cert.public_bytes(serialization.Encoding.PEM))
+    ca_key, server_key = new_key(), new_key()
+    new_ca = new_cert(ca_key, "rotated CA", ca_key, "rotated CA", ca=True).public_bytes(serialization.Encoding.PEM)
+    rotated = new_cert(server_key, "localhost", ca_key, "rotated CA", server=True)
+    _move_in(cert, rotated.public_bytes(serialization.Encoding.PEM))
     _move_in(key, server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     assert _health(cp.address, new_ca, client) == SERVING
