@@ -19,6 +19,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """The widest vector ISA torch's CPU kernels use here (AVX512, AVX2, ...): hosts that share a
+    model name can differ in it, and it moves every figure (and whether oneDNN has bf16)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def describe(module: str) -> str:
     """`module` is the bench's dotted name; the command line is rebuilt from it and sys.argv."""
     import torch
@@ -28,7 +36,7 @@ def describe(module: str) -> str:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
             f"- commit: {rev or 'unknown'}\n"
-            f"- cpu: {cpu_model()}, {os.cpu_count()} cores visible, {mem:.0f} GiB RAM\n"
+            f"- cpu: {cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores visible, {mem:.0f} GiB RAM\n"
             f"- gpu: {gpu}\n"
             f"- python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}\n"
             f"- command: `python -m {module} {' '.join(sys.argv[1:])}`\n")
