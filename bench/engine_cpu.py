@@ -117,29 +117,6 @@ def best(runs: list[tuple[Timed, list[list[int]]]]) -> tuple[float, float, list[
     return min(t.wall for t, _ in runs), min(t.cpu for t, _ in runs), runs[0][1]
 
 
-def decode_read_mib(spec: ModelSpec) -> tuple[float, float, float]:
-    """MiB one decode step of the mixed run must read from memory, fp32: (base linear weights, i.e. the
-    projections and lm_head; the batch's K and V at its mean context; the A and B of its N_ADAPTERS
-    distinct adapters). When decode is memory-bound these set the step times' ratio."""
-    dims = [spec.module_dims(m) for m in MODULES]
-    base = (spec.num_layers * sum(i * o for i, o in dims) + spec.vocab_size * spec.hidden_size) * 4
-    mean_context = PROMPT + NEW / 2
-    kv = N_REQ * mean_context * spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
-    lora = N_ADAPTERS * spec.num_layers * sum(RANK * (i + o) for i, o in dims) * 4
-    return base / 2**20, kv / 2**20, lora / 2**20
-
-
-def read_gbps(mib: int = 512, repeats: int = 5) -> float:
-    """Best sequential read bandwidth of this process's threads, GB/s (a sum over a large fp32 tensor)."""
-    t = torch.ones(mib << 18)
-    best_s = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        t.sum()
-        best_s = min(best_s, time.perf_counter() - t0)
-    return t.numel() * 4 / best_s / 1e9
-
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -193,8 +170,6 @@ def main() -> None:
             base_runs.append(run_engine(engine, prompts, [None] * N_REQ))
         mixed, base = best(mixed_runs), best(base_runs)
         kv_main = kv_line(engine, KV_BUDGET)
-        base_mib, kv_mib, lora_mib = decode_read_mib(engine.spec)
-        gbps = read_gbps()
         weights = (sum(p.numel() * p.element_size() for p in engine.model.parameters())
                    + sum(m.nbytes for m in engine.model.modules() if isinstance(m, OneDnnLinear))) / 2**20
         memory = (f"model weights {weights:.0f} MiB, LoRA slots {engine.loras.nbytes / 2**20:.0f} MiB, "
@@ -235,11 +210,6 @@ def main() -> None:
         f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}",
         f"- KV, runs (b)/(c): {kv_main}",
         f"- KV, run (d): {kv_tight}",
-        f"- memory read per decode step (fp32): base weights {base_mib:.0f} MiB + KV {kv_mib:.0f} MiB (mean context "
-        f"{PROMPT + NEW // 2}); the LoRA A and B of {N_ADAPTERS} distinct rank-{RANK} adapters add {lora_mib:.0f} MiB "
-        f"({lora_mib / (base_mib + kv_mib):.0%}), so a memory-bound decode step runs at most "
-        f"{(base_mib + kv_mib) / (base_mib + kv_mib + lora_mib):.2f}x as fast with them. Read bandwidth here: "
-        f"{gbps:.1f} GB/s, {(base_mib + kv_mib) * 2**20 / gbps / 1e6:.1f} ms for a base step's bytes",
         f"- peak RSS: {rss_engine:.0f} MiB after the engine runs ({memory}; the rest is the Python, "
         f"torch and transformers runtime), "
         f"{rss_all:.0f} MiB after HF+PEFT is loaded and run in the same process",
