@@ -18,7 +18,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_num_seqs: int = 64                  # running requests at once
     max_model_len: int = 2048               # prompt + generated tokens of one request
-    max_num_batched_tokens: int | None = None  # tokens in one prefill step; default max(max_model_len, 2048)
+    max_num_batched_tokens: int | None = None  # tokens in one step, prompts and decodes; default max(max_model_len, 2048)
     dtype: str = "auto"                     # auto (the checkpoint's dtype, else float32), float32, bfloat16, float16
     device: str = "cpu"
     kv_block_size: int = 16                 # tokens per KV cache block

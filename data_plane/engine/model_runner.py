@@ -34,26 +34,25 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, batch: Batch) -> torch.Tensor:
         """[B, vocab] fp32 logits of each request's next token."""
-        requests = batch.requests
-        tables = _block_tables(requests)
-        if batch.is_prefill:
-            input_ids, positions, seq_of_token, bounds = _prefill_tokens(requests)
-        else:
-            input_ids = torch.tensor([r.last_token_id for r in requests])
-            positions = torch.tensor([r.num_tokens - 1 for r in requests])
-            seq_of_token, bounds = torch.arange(len(requests)), ()
-        bs = self.block_size
-        slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
-        ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device), batch.is_prefill, bounds,
+        requests, bs = batch.requests, self.block_size
+        input_ids, positions, seq_of_token, bounds = _batch_tokens(batch)
+        slot_mapping = _block_tables(requests)[seq_of_token, positions // bs] * bs + positions % bs
+        ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device),
+                               seq_bounds=tuple(b for b, p in zip(bounds, batch.prefill, strict=True) if p),
                                sliding_window=self.model.args.sliding_window)
-        if not batch.is_prefill:
+        decoding = [i for i, p in enumerate(batch.prefill) if not p]
+        if decoding:
+            tables = _block_tables(tuple(requests[i] for i in decoding))
             ctx.block_tables = tables.to(self.device)
-            ctx.decode_mask = self._decode_mask(positions, tables.shape[1] * bs).to(self.device)
+            ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_tokens - 1 for i in decoding]),
+                                                tables.shape[1] * bs).to(self.device)
+        if batch.num_prefills:  # decode rows among prefill rows; None: every row is a decode token, in order
+            ctx.decode_rows = torch.tensor([bounds[i][0] for i in decoding], dtype=torch.int64, device=self.device)
         if self.loras is not None:
             slots = torch.tensor([r.lora_slot for r in requests], dtype=torch.int32)
             self.loras.set_batch(slots[seq_of_token].to(self.device) if (slots >= 0).any() else None)
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), ctx)
-        if batch.is_prefill:  # only each sequence's last token is sampled from
+        if batch.num_prefills:  # only each sequence's last token is sampled from
             hidden = hidden[torch.tensor([end - 1 for _, end in bounds], device=self.device)]
         return self.model.compute_logits(hidden)
 
@@ -68,16 +67,25 @@ class ModelRunner:
         return mask[:, None, None, :]
 
 
-def _prefill_tokens(requests: tuple[Request, ...]):
-    """Flat input ids, positions, sequence index of each token, [start, end) of each sequence.
+def _batch_tokens(batch: Batch):
+    """Flat input ids, positions, sequence index of each token, [start, end) of each sequence's rows.
 
-    Every prefill starts at position 0: there is no prefix cache, and preemption recomputes.
+    A prefill feeds its whole sequence from position 0: there is no prefix cache, and preemption
+    recomputes. A decode feeds its last token, at the position after its cached ones.
     """
-    ids = [torch.tensor(r.all_token_ids) for r in requests]
+    requests = batch.requests
+    if not batch.num_prefills:  # the common step: one token per request, vectorised
+        n = len(requests)
+        bounds = tuple((i, i + 1) for i in range(n))
+        return (torch.tensor([r.last_token_id for r in requests]), torch.tensor([r.num_tokens - 1 for r in requests]),
+                torch.arange(n), bounds)
+    ids = [torch.tensor(r.all_token_ids if p else [r.last_token_id]) for r, p in zip(requests, batch.prefill,
+                                                                                     strict=True)]
     lens = torch.tensor([len(t) for t in ids])
+    first = torch.tensor([0 if p else r.num_tokens - 1 for r, p in zip(requests, batch.prefill, strict=True)])
     starts = torch.cumsum(lens, 0) - lens
     seq_of_token = torch.repeat_interleave(torch.arange(len(requests)), lens)
-    positions = torch.arange(int(lens.sum())) - starts[seq_of_token]
+    positions = torch.arange(int(lens.sum())) - starts[seq_of_token] + first[seq_of_token]
     bounds = tuple((s, s + n) for s, n in zip(starts.tolist(), lens.tolist(), strict=True))
     return torch.cat(ids), positions, seq_of_token, bounds
 

@@ -1,12 +1,14 @@
-"""Continuous batching: which requests run this step, as one prefill batch or one decode batch.
+"""Continuous batching: which requests run this step. One batch mixes decodes and prefills.
 
-Prefill first: waiting requests are admitted in arrival order while the KV cache, max_num_seqs,
-max_num_batched_tokens and the adapter slots allow. A request whose adapter is not resident
-is skipped (it waits; the ones behind it still run). A request that does not fit the KV cache
-stops admission, so a long prompt is not starved by short ones behind it.
-Otherwise decode: every running request gets one token; when a request needs a new KV block
-and none is free, the most recently admitted running request is preempted: its blocks are
-freed and it goes back to the head of the queue, to be recomputed (prompt + output so far).
+Decodes first: every running request gets one token; when a request needs a new KV block and
+none is free, the most recently admitted running request is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed (prompt + output so far).
+Then prefills join the same batch, so a new prompt never stalls the running requests for a step
+of its own: waiting requests are admitted in arrival order while the KV cache, max_num_seqs,
+max_num_batched_tokens (decode tokens included) and the adapter slots allow. A request whose
+adapter is not resident is skipped (it waits; the ones behind it still run). A request that does
+not fit the KV cache stops admission, so a long prompt is not starved by short ones behind it.
+No request is admitted in a step that preempted: the blocks just freed are the ones decode needs.
 
 Adapter residency is owned by the caller (the adapter cache): `adapter_slots` maps an
 adapter name to the LoRA slot holding it, and only requests whose adapter is in it run.
@@ -25,11 +27,17 @@ from data_plane.engine.request import Request, RequestStatus
 @dataclass(frozen=True)
 class Batch:
     requests: tuple[Request, ...]
-    is_prefill: bool
+    # Per request: True feeds its whole sequence (a prefill, or a recompute after preemption),
+    # False the one token of a decode step.
+    prefill: tuple[bool, ...]
 
     @property
     def adapters(self) -> set[str]:
         return {r.adapter for r in self.requests if r.adapter is not None}
+
+    @property
+    def num_prefills(self) -> int:
+        return sum(self.prefill)
 
 
 class Scheduler:
@@ -51,19 +59,23 @@ class Scheduler:
         return {r.adapter for r in self.running if r.adapter is not None}
 
     def schedule(self) -> Batch | None:
-        batch = self._schedule_prefill() or self._schedule_decode()
-        if batch is None:
+        preemptions = self.num_preemptions
+        decodes = self._schedule_decode()
+        prefills = self._admit(len(decodes)) if self.num_preemptions == preemptions else []
+        if not decodes and not prefills:
             return None
-        for request in batch.requests:
+        entries = [(r, False) for r in decodes] + [(r, True) for r in prefills]
+        for request, _ in entries:
             request.lora_slot = -1 if request.adapter is None else self.adapter_slots[request.adapter]
         # Grouped by slot (stable, base first): each adapter's tokens are then contiguous rows, which
         # the CPU LoRA path reads and writes in place and the kernels read in runs.
-        return Batch(tuple(sorted(batch.requests, key=lambda r: r.lora_slot)), batch.is_prefill)
+        entries.sort(key=lambda e: e[0].lora_slot)
+        return Batch(tuple(r for r, _ in entries), tuple(p for _, p in entries))
 
-    def _schedule_prefill(self) -> Batch | None:
+    def _admit(self, decode_tokens: int) -> list[Request]:
         admitted: list[Request] = []
         adapters = self.adapters_in_use()
-        tokens = 0
+        tokens = decode_tokens
         for request in list(self.waiting):
             if len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
@@ -83,12 +95,10 @@ class Scheduler:
             tokens += request.num_tokens
             if request.adapter is not None:
                 adapters.add(request.adapter)
-        if not admitted:
-            return None
         self.running.extend(admitted)
-        return Batch(tuple(admitted), is_prefill=True)
+        return admitted
 
-    def _schedule_decode(self) -> Batch | None:
+    def _schedule_decode(self) -> list[Request]:
         queue = list(self.running)
         scheduled: list[Request] = []
         while queue:
@@ -101,8 +111,8 @@ class Scheduler:
             else:
                 self.blocks.append(request)
                 scheduled.append(request)
-        self.running = scheduled
-        return Batch(tuple(scheduled), is_prefill=False) if scheduled else None
+        self.running = list(scheduled)  # admission extends running, not this step's decodes
+        return scheduled
 
     def _preempt(self, request: Request) -> None:
         self.blocks.free(request)

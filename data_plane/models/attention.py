@@ -1,9 +1,10 @@
 """Attention over a paged KV cache, with torch SDPA.
 
 The cache of one layer is [num_blocks, block_size, kv_heads, head_dim]; a token's K/V lives at
-flat slot `block * block_size + offset`. Prefill attends within the fresh tokens of each
-sequence (the engine recomputes after preemption, so a prefill never has a cached prefix);
-decode gathers each sequence's blocks and masks past its length.
+flat slot `block * block_size + offset`. A batch mixes prefill sequences and decode tokens.
+Prefill attends within the fresh tokens of each sequence (the engine recomputes after
+preemption, so a prefill never has a cached prefix); decode gathers each sequence's blocks and
+masks past its length.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ class AttentionContext:
     k_cache: torch.Tensor                    # [layers, num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor               # [T] int64, cache slot written by each token
-    is_prefill: bool
-    seq_bounds: tuple[tuple[int, int], ...]  # prefill: [start, end) of each sequence in the batch
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
-    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, max_blocks * block_size], 0 or -inf
+    seq_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each prefill sequence
+    block_tables: torch.Tensor | None = None  # decode: [D, max_blocks] int64, one row per decode token
+    decode_mask: torch.Tensor | None = None  # decode: [D, 1, 1, max_blocks * block_size], 0 or -inf
+    # Rows of the D decode tokens among the prefill rows; None when the batch is decode tokens only.
+    decode_rows: torch.Tensor | None = None
     sliding_window: int | None = None
 
 
@@ -33,21 +35,31 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
-    if ctx.is_prefill:
-        return _prefill(q, k, v, ctx)
+    if ctx.decode_rows is None:
+        return _decode(q, k_cache, v_cache, ctx)
+    out = _prefill(q, k, v, ctx)
+    if ctx.block_tables is not None:
+        out.index_copy_(0, ctx.decode_rows, _decode(q.index_select(0, ctx.decode_rows), k_cache, v_cache, ctx))
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """q [D, H, D_h], one query token per sequence -> [D, H * D_h]."""
     batch, heads, _ = q.shape
+    kv_heads, head_dim = k_cache.shape[-2:]
     flat_blocks = ctx.block_tables.flatten()
     # [B * blocks, block_size, KVH, D] -> [B, KVH, L, D]; index_select beats advanced indexing here.
     keys = k_cache.index_select(0, flat_blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     values = v_cache.index_select(0, flat_blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     # One query token per sequence: the query heads sharing a KV head go in as that head's
     # "query positions", so SDPA needs no GQA expansion of the gathered keys and values.
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=ctx.decode_mask)
     return out.reshape(batch, -1)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """Each prefill sequence's rows attend causally within themselves; other rows are left unset."""
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
     for start, end in ctx.seq_bounds:
         n = end - start

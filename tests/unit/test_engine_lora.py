@@ -84,6 +84,10 @@ def test_requests_arriving_mid_decode_match_hf(llama_adapters):
     late = random_prompts([19, 4, 9], seed=4)
     first_names, late_names = ["r8", None], ["r64", "rslora", None]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
+    seen = record_logits(engine)
+    batches = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: batches.append(batch) or run(batch)
     ids = [engine.add_request(p, params, a) for p, a in zip(first, first_names, strict=True)]
     tokens: dict[str, list[int]] = {}
     for _ in range(4):
@@ -94,8 +98,13 @@ def test_requests_arriving_mid_decode_match_hf(llama_adapters):
     while engine.has_unfinished():
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    # The late prompts joined the running decodes in one batch: nobody waited a step for them.
+    assert batches[4].num_prefills == 3 and len(batches[4].requests) == 5
+    assert len(batches) == 4 + 10
     expected = HFOracle(model, adapters).generate(first + late, first_names + late_names, 10)
     assert [tokens[i] for i in ids] == [t for t, _ in expected]
+    for i, (_, logits) in zip(ids, expected, strict=True):
+        torch.testing.assert_close(torch.stack(seen[i]), logits, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch,overrides", [

@@ -33,8 +33,8 @@ def forward_logits(model_dir, tokens: list[int], dtype=torch.float32) -> torch.T
     s = args.spec
     cache = torch.zeros(s.num_layers, 16, 16, s.num_kv_heads, s.head_dim, dtype=dtype)
     n = len(tokens)
-    ctx = AttentionContext(cache, cache.clone(), torch.arange(n), True, ((0, n),),
-                           sliding_window=args.sliding_window)
+    ctx = AttentionContext(cache, cache.clone(), torch.arange(n), seq_bounds=((0, n),),
+                           decode_rows=torch.empty(0, dtype=torch.int64), sliding_window=args.sliding_window)
     with torch.inference_mode():
         hidden = model(torch.tensor(tokens), torch.arange(n), ctx)
         return model.compute_logits(hidden)
