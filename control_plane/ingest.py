@@ -94,11 +94,14 @@ class Ingestor:
     async def _mark_ready(self, name: str, version: str, adapter, owner: str) -> None:
         # The ref is taken before READY so a delete right after READY always sees it.
         await self.registry.add_artifact_ref(version, name)
-        if not self.store.exists(version):  # a delete of the same content, before our ref, removed it
+        try:
+            size = self.store.size(version)
+        except FileNotFoundError:  # a delete of the same content, before our ref, removed it
             await asyncio.to_thread(self.store.put, adapter.to_bytes())
+            size = self.store.size(version)
         ok = await self.registry.transition(
             name, ("VALIDATING",), "READY", event="READY", owner=owner, version=version,
-            rank=adapter.rank, target_modules=adapter.target_modules, size_bytes=self.store.size(version),
+            rank=adapter.rank, target_modules=adapter.target_modules, size_bytes=size,
             dtype=adapter.dtype, alpha=adapter.source_config.lora_alpha, use_rslora=adapter.source_config.use_rslora,
             failure_message="", failure_reason="")
         if not ok:
