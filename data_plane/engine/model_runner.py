@@ -36,13 +36,15 @@ class ModelRunner:
         """[B, vocab] fp32 logits of each request's next token."""
         requests, bs = batch.requests, self.block_size
         input_ids, positions, seq_of_token, bounds = _batch_tokens(batch)
-        slot_mapping = _block_tables(requests)[seq_of_token, positions // bs] * bs + positions % bs
+        tables = _block_tables(requests)
+        slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
         ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device),
                                seq_bounds=tuple(b for b, p in zip(bounds, batch.prefill, strict=True) if p),
                                sliding_window=self.model.args.sliding_window)
         decoding = [i for i, p in enumerate(batch.prefill) if not p]
         if decoding:
-            tables = _block_tables(tuple(requests[i] for i in decoding))
+            if batch.num_prefills:  # a decode-only step (the common one) already has its tables
+                tables = _block_tables(tuple(requests[i] for i in decoding))
             ctx.block_tables = tables.to(self.device)
             ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_tokens - 1 for i in decoding]),
                                                 tables.shape[1] * bs).to(self.device)
