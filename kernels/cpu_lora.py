@@ -121,13 +121,18 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _grouped(y, x, a_stacks, b_stacks, a_t, meta: LoraBatchMeta, p: Plan, scale) -> None:
     G, M, r, R = p.groups, p.max_count, p.rank, a_stacks[0].shape[1]
     lo, hi = p.first_slot, p.first_slot + p.groups
-    if p.lora_rows is not None:
-        xs = _f32(x[p.lora_rows[0]:p.lora_rows[1]].reshape(G, M, -1))
-    else:
+    # Every slot at full rank (the common decode batch): whole buffers, no slicing. A decode step
+    # runs this 4 times per layer, and each skipped view op is a few microseconds of dispatch.
+    whole = lo == 0 and hi == a_stacks[0].shape[0] and r == R
+    if p.lora_rows is None:
         xs = _f32(x.index_select(0, p.padded_ids).view(G, M, -1))
+    elif p.lora_rows == (0, x.shape[0]):
+        xs = _f32(x.reshape(G, M, -1))
+    else:
+        xs = _f32(x[p.lora_rows[0]:p.lora_rows[1]].reshape(G, M, -1))
     if a_t is not None and r == R:
-        v = torch.bmm(xs, _f32(a_t[lo:hi]))                                     # [G, M, n * R]
-        vs = [v[:, :, i * R:(i + 1) * R] for i in range(len(a_stacks))]
+        v = torch.bmm(xs, _f32(a_t if whole else a_t[lo:hi]))                   # [G, M, n * R]
+        vs = v.split(R, dim=2) if len(a_stacks) > 1 else (v,)
     else:
         vs = [torch.bmm(xs, _f32(a[lo:hi, :r]).transpose(1, 2)) for a in a_stacks]  # each [G, M, r]
     deltas = []
@@ -136,7 +141,7 @@ def _grouped(y, x, a_stacks, b_stacks, a_t, meta: LoraBatchMeta, p: Plan, scale)
             v = v.masked_fill(p.past_rank, 0)
         if scale is not None:
             v = v * _f32(scale[lo:hi]).view(G, 1, 1)
-        b = _f32(b[lo:hi, :, :r])                                                # [G, out_i, r]
+        b = _f32(b if whole else b[lo:hi, :, :r])                                # [G, out_i, r]
         if p.past_rank is not None:  # a copy: B may hold NaN past a slot's rank too, and NaN * 0 is NaN
             b = b.masked_fill(p.past_rank, 0)
         deltas.append(torch.bmm(v, b.transpose(1, 2)))                          # [G, M, out_i]
@@ -144,7 +149,7 @@ def _grouped(y, x, a_stacks, b_stacks, a_t, meta: LoraBatchMeta, p: Plan, scale)
     if delta.dtype != y.dtype:
         delta = delta.to(y.dtype)
     if p.lora_rows is not None:
-        y[p.lora_rows[0]:p.lora_rows[1]] += delta
+        (y if p.lora_rows == (0, y.shape[0]) else y[p.lora_rows[0]:p.lora_rows[1]]).add_(delta)
         return
     if meta.num_lora_tokens < meta.token_slots.numel():  # base tokens read an appended zero row
         delta = torch.cat([delta, delta.new_zeros(1, delta.shape[1])])

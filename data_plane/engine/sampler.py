@@ -14,7 +14,7 @@ from data_plane.engine.request import Request
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request] | tuple[Request, ...]) -> list[int]:
         """logits [B, vocab] fp32, one row per request -> one token id per request."""
-        tokens = logits.max(dim=-1).indices  # first maximum, like argmax, and faster on CPU
+        tokens = greedy_tokens(logits)
         rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
         if rows:
             sampled = [requests[i] for i in rows]
@@ -23,6 +23,26 @@ class Sampler:
             chosen = order.gather(1, torch.stack(picks))
             tokens[rows] = chosen.squeeze(1)
         return tokens.tolist()
+
+
+# Row width of the first pass of greedy_tokens; vocabularies of the supported families divide by it.
+ARGMAX_BLOCK = 128
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[B, vocab] -> [B] int64: the first maximum of each row, exactly as logits.max(-1).indices.
+
+    On CPU an indexed reduction over a whole row runs scalar code (about 400 us for 16 x 32000),
+    while amax is vectorised: reduce blocks of ARGMAX_BLOCK with amax, pick the first block holding
+    the row maximum, and take the indexed max within that block only. NaN propagates as in max.
+    """
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % ARGMAX_BLOCK:
+        return logits.max(dim=-1).indices
+    blocks = logits.reshape(rows, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    block = blocks.amax(dim=-1).max(dim=-1).indices
+    within = blocks[torch.arange(rows), block].max(dim=-1).indices
+    return block * ARGMAX_BLOCK + within
 
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:

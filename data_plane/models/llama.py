@@ -33,8 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the weight, exactly as the HF reference does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # (F.rms_norm computes x * rsqrt(mean(x^2) + eps) in one kernel: the same fp32 values.)
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -45,16 +45,17 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        self.split = (q_out, kv_out, kv_out)
+        self.split = (q_out + kv_out, kv_out)  # qk | v columns of the packed projection
         self.qkv_proj = nn.Linear(s.hidden_size, q_out + 2 * kv_out, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_out, s.hidden_size, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        qk, v = self.qkv_proj(x).split(self.split, dim=-1)
+        # q and k heads side by side take one rotation: half the elementwise calls of a decode step.
+        qk = apply_rope(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(paged_attention(self.layer, q, k, v, ctx))
 

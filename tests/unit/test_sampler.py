@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_plane.engine.request import Request, SamplingParams
-from data_plane.engine.sampler import Sampler
+from data_plane.engine.sampler import ARGMAX_BLOCK, Sampler, greedy_tokens
 from tests.unit.engine_helpers import (  # noqa: F401 - fixtures
     artifacts,
     make_engine,
@@ -34,6 +34,20 @@ def test_greedy_is_argmax_per_row():
     logits = torch.randn(5, 50)
     reqs = [request() for _ in range(5)]
     assert Sampler()(logits, reqs) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab", [ARGMAX_BLOCK * 250, ARGMAX_BLOCK * 3 + 5])  # blocked, and the fallback
+def test_greedy_tokens_take_the_first_maximum_like_max(vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(8, vocab)
+    logits[1, 7] = logits[1, ARGMAX_BLOCK + 3] = logits[1, -1] = 50.0    # ties across blocks: first wins
+    logits[2, 10] = logits[2, 11] = 50.0                                 # ties within a block
+    logits[3, 5], logits[3, -2] = float("nan"), float("nan")             # NaN is a maximum, as in max
+    logits[4] = float("-inf")
+    logits[5, -1] = 1e30                                                 # the last column
+    expected = logits.max(dim=-1).indices
+    assert expected[1] == 7 and expected[3] == 5 and expected[5] == vocab - 1
+    assert torch.equal(greedy_tokens(logits), expected)
 
 
 def test_temperature_one_follows_the_distribution():
