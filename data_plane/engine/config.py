@@ -18,7 +18,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_num_seqs: int = 64                  # running requests at once
     max_model_len: int = 2048               # prompt + generated tokens of one request
-    max_num_batched_tokens: int | None = None  # tokens in one step, prompts and decodes; default max(max_model_len, 2048)
+    max_num_batched_tokens: int | None = None  # tokens in one step, prompts (chunked) and decodes; default max(max_model_len, 2048)
     dtype: str = "auto"                     # auto (the checkpoint's dtype, else float32), float32, bfloat16, float16
     device: str = "cpu"
     kv_block_size: int = 16                 # tokens per KV cache block
@@ -34,7 +34,8 @@ class EngineConfig:
             raise ValueError("model must be a non-empty path")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(self.max_model_len, 2048)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=self.max_model_len)
+        # Longer prompts are fed in chunks over several steps (chunked prefill), so any budget works.
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
         self.dtype = _ALIASES.get(self.dtype, self.dtype)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")

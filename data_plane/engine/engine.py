@@ -71,6 +71,9 @@ class Engine:
         self.outputs = OutputProcessor(tuple(sorted(eos)), config.max_model_len)
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
+        # Whether the last step ran a batch. A step can run and yield no output (every request in
+        # it fed a chunk of its prompt), so "no output" does not mean "nothing can run".
+        self.last_step_ran = False
 
     def _auto_dtype(self) -> str:
         return self.args.dtype if self.args.dtype in DTYPES else "float32"
@@ -146,14 +149,19 @@ class Engine:
         """One engine iteration; the deltas of every request that produced a token or finished."""
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
+        self.last_step_ran = batch is not None
         if batch is None:
             return outputs
         token_ids = self.runner.run(batch)
         return outputs + self.postprocess(batch, token_ids)
 
     def postprocess(self, batch: Batch, token_ids: list[int]) -> list[RequestOutput]:
+        """token_ids: one per request that batch.sample picks; the others fed a chunk of their prompt."""
         outputs = []
-        for request, token_id in zip(batch.requests, token_ids, strict=True):
+        sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
+        for request, n in zip(batch.requests, batch.num_new, strict=True):
+            request.num_computed_tokens += n
+        for request, token_id in zip(sampled, token_ids, strict=True):
             reason = self.outputs.append_token(request, token_id)
             outputs.append(self.outputs.output(request, reason))
             if reason is not None:
@@ -230,7 +238,7 @@ class Engine:
         requests = [self._requests[self.add_request(prompt, p, adapter)]
                     for prompt, adapter, p in zip(prompts, adapters, params, strict=True)]
         while any(r.status is not RequestStatus.FINISHED for r in requests):
-            if not self.step():
+            if not self.step() and not self.last_step_ran:
                 raise RuntimeError("no request can run: are their adapters still loaded?")
         return [Completion(r.request_id, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.text,
                            r.finish_reason, r.adapter) for r in requests]

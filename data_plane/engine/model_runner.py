@@ -13,7 +13,7 @@ from data_plane.engine.request import Request
 from data_plane.engine.sampler import Sampler
 from data_plane.engine.scheduler import Batch
 from data_plane.lora.layers import LoraSlots
-from data_plane.models.attention import AttentionContext
+from data_plane.models.attention import AttentionContext, PrefillSeq
 from data_plane.models.llama import LlamaForCausalLM
 
 
@@ -29,34 +29,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
-        return self.sampler(self.compute_logits(batch), batch.requests)
+        """One token for each request of batch.sample that is True, in batch order."""
+        sampled = tuple(r for r, s in zip(batch.requests, batch.sample, strict=True) if s)
+        if not sampled:  # every request fed a chunk of a prompt that goes on next step
+            self.forward(batch)
+            return []
+        return self.sampler(self.compute_logits(batch), sampled)
 
     @torch.inference_mode()
     def compute_logits(self, batch: Batch) -> torch.Tensor:
-        """[B, vocab] fp32 logits of each request's next token."""
+        """[S, vocab] fp32 logits of the next token of each of the S requests batch.sample picks."""
+        hidden, bounds = self.forward(batch)
+        if batch.num_prefills or not all(batch.sample):  # only the last row of each sampled request
+            rows = [end - 1 for (_, end), s in zip(bounds, batch.sample, strict=True) if s]
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(hidden)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """Writes the batch's K/V; returns the hidden states [T, hidden] and each request's rows."""
         requests, bs = batch.requests, self.block_size
         input_ids, positions, seq_of_token, bounds = _batch_tokens(batch)
         tables = _block_tables(requests)
         slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
-        ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device),
-                               seq_bounds=tuple(b for b, p in zip(bounds, batch.prefill, strict=True) if p),
+        prefills = tuple(_prefill_seq(r, bounds[i], tables[i], bs, self.device)
+                         for i, (r, n) in enumerate(zip(requests, batch.num_new, strict=True)) if n > 1)
+        ctx = AttentionContext(self.kv.k, self.kv.v, slot_mapping.to(self.device), prefills=prefills,
                                sliding_window=self.model.args.sliding_window)
-        decoding = [i for i, p in enumerate(batch.prefill) if not p]
+        decoding = [i for i, n in enumerate(batch.num_new) if n == 1]
         if decoding:
-            if batch.num_prefills:  # a decode-only step (the common one) already has its tables
+            if prefills:  # a decode-only step (the common one) already has its tables
                 tables = _block_tables(tuple(requests[i] for i in decoding))
             ctx.block_tables = tables.to(self.device)
-            ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_tokens - 1 for i in decoding]),
+            ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_computed_tokens for i in decoding]),
                                                 tables.shape[1] * bs).to(self.device)
-        if batch.num_prefills:  # decode rows among prefill rows; None: every row is a decode token, in order
+        if prefills:  # decode rows among prefill rows; None: every row is a decode token, in order
             ctx.decode_rows = torch.tensor([bounds[i][0] for i in decoding], dtype=torch.int64, device=self.device)
         if self.loras is not None:
             slots = torch.tensor([r.lora_slot for r in requests], dtype=torch.int32)
             self.loras.set_batch(slots[seq_of_token].to(self.device) if (slots >= 0).any() else None)
-        hidden = self.model(input_ids.to(self.device), positions.to(self.device), ctx)
-        if batch.num_prefills:  # only each sequence's last token is sampled from
-            hidden = hidden[torch.tensor([end - 1 for _, end in bounds], device=self.device)]
-        return self.model.compute_logits(hidden)
+        return self.model(input_ids.to(self.device), positions.to(self.device), ctx), bounds
 
     def _decode_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         """[B, 1, 1, L] additive: key j is visible to the query at position p when j <= p (and in the window)."""
@@ -72,24 +83,33 @@ class ModelRunner:
 def _batch_tokens(batch: Batch):
     """Flat input ids, positions, sequence index of each token, [start, end) of each sequence's rows.
 
-    A prefill feeds its whole sequence from position 0: there is no prefix cache, and preemption
-    recomputes. A decode feeds its last token, at the position after its cached ones.
+    Each request feeds its tokens from num_computed_tokens on: a whole prompt, the next chunk of
+    one, or (a decode) its last token. After preemption that is again from position 0: there is
+    no prefix cache, and preemption recomputes.
     """
     requests = batch.requests
+    first = [r.num_computed_tokens for r in requests]
     if not batch.num_prefills:  # the common step: one token per request, vectorised
         n = len(requests)
         bounds = tuple((i, i + 1) for i in range(n))
-        return (torch.tensor([r.last_token_id for r in requests]), torch.tensor([r.num_tokens - 1 for r in requests]),
+        return (torch.tensor([r.token_at(p) for r, p in zip(requests, first, strict=True)]), torch.tensor(first),
                 torch.arange(n), bounds)
-    ids = [torch.tensor(r.all_token_ids if p else [r.last_token_id]) for r, p in zip(requests, batch.prefill,
-                                                                                     strict=True)]
-    lens = torch.tensor([len(t) for t in ids])
-    first = torch.tensor([0 if p else r.num_tokens - 1 for r, p in zip(requests, batch.prefill, strict=True)])
+    ids = [torch.tensor(r.token_ids_from(p, n)) for r, p, n in zip(requests, first, batch.num_new, strict=True)]
+    lens = torch.tensor(batch.num_new)
     starts = torch.cumsum(lens, 0) - lens
     seq_of_token = torch.repeat_interleave(torch.arange(len(requests)), lens)
-    positions = torch.arange(int(lens.sum())) - starts[seq_of_token] + first[seq_of_token]
+    positions = torch.arange(int(lens.sum())) - starts[seq_of_token] + torch.tensor(first)[seq_of_token]
     bounds = tuple((s, s + n) for s, n in zip(starts.tolist(), lens.tolist(), strict=True))
     return torch.cat(ids), positions, seq_of_token, bounds
+
+
+def _prefill_seq(request: Request, rows: tuple[int, int], table: torch.Tensor, block_size: int,
+                 device: torch.device) -> PrefillSeq:
+    cached = request.num_computed_tokens
+    if not cached:
+        return PrefillSeq(*rows)
+    blocks = -(-(cached + rows[1] - rows[0]) // block_size)
+    return PrefillSeq(*rows, cached=cached, blocks=table[:blocks].to(device))
 
 
 def _block_tables(requests: tuple[Request, ...]) -> torch.Tensor:

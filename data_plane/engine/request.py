@@ -87,6 +87,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache: the next step feeds from here. A prompt longer than a step's
+    # token budget is fed in chunks; a preempted request starts again from 0 (recompute).
+    num_computed_tokens: int = 0
     lora_slot: int = -1                       # set by the scheduler for each batch it is in
     num_preemptions: int = 0
     # Output text: `text` is everything decoded (stop string cut off); `num_sent_chars` of it
@@ -110,6 +113,22 @@ class Request:
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the model has not seen yet: the prompt (or its rest), or the one a decode feeds."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_ids_from(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) of prompt + output, without concatenating the two lists."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:start - n + count]
+        return self.prompt_token_ids[start:start + count] + self.output_token_ids[:max(0, start + count - n)]
 
     @property
     def finished(self) -> bool:

@@ -2,9 +2,9 @@
 
 The cache of one layer is [num_blocks, block_size, kv_heads, head_dim]; a token's K/V lives at
 flat slot `block * block_size + offset`. A batch mixes prefill sequences and decode tokens.
-Prefill attends within the fresh tokens of each sequence (the engine recomputes after
-preemption, so a prefill never has a cached prefix); decode gathers each sequence's blocks and
-masks past its length.
+A prompt's first chunk attends causally within its fresh tokens; a later chunk of a prompt
+(chunked prefill) gathers the sequence's blocks, its earlier chunks' K/V included. A decode token
+gathers its sequence's blocks and masks past its position.
 """
 
 from __future__ import annotations
@@ -15,12 +15,20 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class PrefillSeq:
+    start: int                            # rows [start, end) of the batch
+    end: int
+    cached: int = 0                       # tokens of the sequence already in the cache (earlier chunks)
+    blocks: torch.Tensor | None = None    # with cached > 0: [ceil((cached + end - start) / block_size)] int64
+
+
 @dataclass
 class AttentionContext:
     k_cache: torch.Tensor                    # [layers, num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor               # [T] int64, cache slot written by each token
-    seq_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each prefill sequence
+    prefills: tuple[PrefillSeq, ...] = ()    # the sequences feeding more than one token
     block_tables: torch.Tensor | None = None  # decode: [D, max_blocks] int64, one row per decode token
     decode_mask: torch.Tensor | None = None  # decode: [D, 1, 1, max_blocks * block_size], 0 or -inf
     # Rows of the D decode tokens among the prefill rows; None when the batch is decode tokens only.
@@ -37,7 +45,7 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
     if ctx.decode_rows is None:
         return _decode(q, k_cache, v_cache, ctx)
-    out = _prefill(q, k, v, ctx)
+    out = _prefill(q, k, v, k_cache, v_cache, ctx)
     if ctx.block_tables is not None:
         out.index_copy_(0, ctx.decode_rows, _decode(q.index_select(0, ctx.decode_rows), k_cache, v_cache, ctx))
     return out
@@ -58,22 +66,33 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: 
     return out.reshape(batch, -1)
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """Each prefill sequence's rows attend causally within themselves; other rows are left unset."""
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             ctx: AttentionContext) -> torch.Tensor:
+    """Each prefill sequence's rows attend causally to its tokens so far; other rows are left unset."""
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-    for start, end in ctx.seq_bounds:
-        n = end - start
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        if ctx.sliding_window is not None and n > ctx.sliding_window:
-            mask = _window_mask(n, ctx.sliding_window, q.device)
+    window = ctx.sliding_window
+    for seq in ctx.prefills:
+        n = seq.end - seq.start
+        qs = q[seq.start:seq.end].transpose(0, 1).unsqueeze(0)
+        if seq.cached:  # a later chunk: this chunk's K/V are already written after the earlier ones'
+            length = seq.cached + n
+            ks, vs = (c.index_select(0, seq.blocks).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+                      for c in (k_cache, v_cache))
+            mask = _visible(n, length, seq.cached, window, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1).reshape(n, -1)
+            ks, vs = (t[seq.start:seq.end].transpose(0, 1).unsqueeze(0) for t in (k, v))
+            if window is not None and n > window:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_visible(n, n, 0, window, q.device),
+                                                   enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out[seq.start:seq.end] = o[0].transpose(0, 1).reshape(n, -1)
     return out
 
 
-def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
-    i = torch.arange(n, device=device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window)
+def _visible(queries: int, keys: int, first: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys] bool: the query at position first + i sees key j when j <= first + i (and in the window)."""
+    distance = (first + torch.arange(queries, device=device))[:, None] - torch.arange(keys, device=device)[None, :]
+    visible = distance >= 0
+    return visible & (distance < window) if window is not None else visible

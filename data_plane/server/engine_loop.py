@@ -145,7 +145,7 @@ class EngineLoop:
         self._publish_stats()
         if outputs:
             self._dispatch(outputs)
-        else:  # everything waits on adapters or KV: do not spin
+        elif not self.engine.last_step_ran:  # everything waits on adapters or KV: do not spin
             self._drain_commands(block=True)
 
     def _fail_running(self) -> None:

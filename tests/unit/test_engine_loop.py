@@ -67,3 +67,17 @@ def test_build_and_start_raises_what_the_build_raised():
 
     with pytest.raises(ValueError, match="no such model directory"):
         EngineLoop.build_and_start(build, CpuCache(2, 1 << 30), SlotTable(2, 0))
+
+
+def test_steps_that_only_feed_prompt_chunks_do_not_idle(setup):
+    model, _ = setup
+    engine = make_engine(model, max_loras=1, max_num_batched_tokens=4)
+    loop = EngineLoop(engine, CpuCache(2, 1 << 30), SlotTable(1, 0))
+    waits = []
+    drain = loop._drain_commands
+    loop._drain_commands = lambda block: waits.append(block) or drain(block=False)
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=2, ignore_eos=True), request_id="long")
+    while engine.has_unfinished():
+        loop._iteration()  # engine-thread method, called directly: the thread is not started
+    assert loop.steps == 8 + 1  # 29 prompt tokens in chunks of 4, then one decode
+    assert not any(waits)  # a step that fed only a chunk still made progress: no idle wait after it

@@ -53,6 +53,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
             "tolerations": [{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
             "maxModelLen": 8192,
+            "maxNumBatchedTokens": 1024,
         },
     },
     "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
@@ -680,8 +681,9 @@ def test_data_plane_flags(rendered):
     assert f["--control-plane"] == ["lp-loraplane-control-plane:50051"]
     assert f["--replica-id"] == ["$(POD_NAME)"] and f["--advertise-address"] == ["$(POD_IP):50052"]
     assert f["--max-model-len"] == ["8192"] and f["--max-lora-rank"] == ["64"]
-    assert "--max-model-len" not in flags(container(one(rendered["default"], "Deployment", "data-plane"),
-                                                   "data-plane"))
+    assert f["--max-num-batched-tokens"] == ["1024"]
+    default = flags(container(one(rendered["default"], "Deployment", "data-plane"), "data-plane"))
+    assert "--max-model-len" not in default and "--max-num-batched-tokens" not in default
     e = env(c)
     assert e["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert e["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}

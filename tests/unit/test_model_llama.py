@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_plane.models.attention import AttentionContext
+from data_plane.models.attention import AttentionContext, PrefillSeq
 from data_plane.models.config import ModelArgs
 from data_plane.models.loader import load_model
 from data_plane.models.rope import inverse_frequencies
@@ -33,7 +33,7 @@ def forward_logits(model_dir, tokens: list[int], dtype=torch.float32) -> torch.T
     s = args.spec
     cache = torch.zeros(s.num_layers, 16, 16, s.num_kv_heads, s.head_dim, dtype=dtype)
     n = len(tokens)
-    ctx = AttentionContext(cache, cache.clone(), torch.arange(n), seq_bounds=((0, n),),
+    ctx = AttentionContext(cache, cache.clone(), torch.arange(n), prefills=(PrefillSeq(0, n),),
                            decode_rows=torch.empty(0, dtype=torch.int64), sliding_window=args.sliding_window)
     with torch.inference_mode():
         hidden = model(torch.tensor(tokens), torch.arange(n), ctx)
