@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,12 @@ def best(runs: list[tuple[Timed, list[list[int]]]]) -> tuple[float, float, list[
     return min(t.wall for t, _ in runs), min(t.cpu for t, _ in runs), runs[0][1]
 
 
+def pair_ratios(mixed_runs, base_runs) -> str:
+    """Base/mixed wall time of each repeat's back-to-back pair: how far the ratio moves with the host's load."""
+    ratios = sorted(b.wall / m.wall for (m, _), (b, _) in zip(mixed_runs, base_runs, strict=True))
+    return f"median {statistics.median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -205,7 +212,8 @@ def main() -> None:
         *[f"| {name} | {wall:.2f} | {tokens / wall:.1f} | {hf[0] / wall:.2f}x | {cpu:.2f} | {tokens / cpu:.1f} "
           f"| {hf[1] / cpu:.2f}x |" for name, (wall, cpu, _) in rows],
         "",
-        f"- mixed-adapter / base-only throughput: {base[0] / mixed[0]:.2f} (wall), {base[1] / mixed[1]:.2f} (CPU)",
+        f"- mixed-adapter / base-only throughput: {base[0] / mixed[0]:.2f} (wall), {base[1] / mixed[1]:.2f} (CPU); "
+        f"per interleaved pair (wall): {pair_ratios(mixed_runs, base_runs)}",
         f"- greedy tokens equal to HF+PEFT: {sum(a == b for a, b in zip(hf[2], mixed[2], strict=True))}"
         f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}",
         f"- KV, runs (b)/(c): {kv_main}",
