@@ -117,7 +117,8 @@ class Summary:
 
     @property
     def tokens_per_step(self) -> float:
-        """Output tokens per engine step: the mean running batch, less the prefill steps' share."""
+        """Output tokens per engine step: the mean running batch, less the share of steps that feed
+        prompts (a step that only feeds chunks of a long prompt counts, with no output token)."""
         return self.output_tokens / self.steps if self.steps else math.nan
 
     @property

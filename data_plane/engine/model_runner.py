@@ -49,7 +49,8 @@ class ModelRunner:
         """Writes the batch's K/V; returns the hidden states [T, hidden] and each request's rows."""
         requests, bs = batch.requests, self.block_size
         input_ids, positions, seq_of_token, bounds = _batch_tokens(batch)
-        tables = _block_tables(requests)
+        ends = [r.num_computed_tokens + n for r, n in zip(requests, batch.num_new, strict=True)]
+        tables = _block_tables(requests, ends, bs)
         slot_mapping = tables[seq_of_token, positions // bs] * bs + positions % bs
         prefills = tuple(_prefill_seq(r, bounds[i], tables[i], bs, self.device)
                          for i, (r, n) in enumerate(zip(requests, batch.num_new, strict=True)) if n > 1)
@@ -58,7 +59,7 @@ class ModelRunner:
         decoding = [i for i, n in enumerate(batch.num_new) if n == 1]
         if decoding:
             if prefills:  # a decode-only step (the common one) already has its tables
-                tables = _block_tables(tuple(requests[i] for i in decoding))
+                tables = _block_tables(tuple(requests[i] for i in decoding), [ends[i] for i in decoding], bs)
             ctx.block_tables = tables.to(self.device)
             ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_computed_tokens for i in decoding]),
                                                 tables.shape[1] * bs).to(self.device)
@@ -112,7 +113,10 @@ def _prefill_seq(request: Request, rows: tuple[int, int], table: torch.Tensor, b
     return PrefillSeq(*rows, cached=cached, blocks=table[:blocks].to(device))
 
 
-def _block_tables(requests: tuple[Request, ...]) -> torch.Tensor:
-    """[B, max_blocks] int64, padded with block 0 (never read unmasked)."""
-    width = max(len(r.block_table) for r in requests)
-    return torch.tensor([r.block_table + [0] * (width - len(r.block_table)) for r in requests])
+def _block_tables(requests: tuple[Request, ...], ends: list[int], block_size: int) -> torch.Tensor:
+    """[B, max_blocks] int64 over the blocks holding each request's first `ends` tokens, padded with
+    block 0 (never read unmasked). Admission reserves a whole prompt's blocks up front; the rest are
+    left out, or every decode row would gather (masked) keys a prompt fed in chunks has not written."""
+    lengths = [-(-end // block_size) for end in ends]
+    width = max(lengths)
+    return torch.tensor([r.block_table[:n] + [0] * (width - n) for r, n in zip(requests, lengths, strict=True)])

@@ -11,7 +11,8 @@ budget and the adapter slots allow. A request whose adapter is not resident is s
 waits; the ones behind it still run). A request that does not fit the KV cache stops admission,
 so a long prompt is not starved by short ones behind it; admission reserves a request's blocks
 for its whole prompt at once, so its later chunks never wait for memory.
-No request is admitted in a step that preempted: the blocks just freed are the ones decode needs.
+A step that preempted feeds no prompt tokens and admits nothing: the blocks just freed are the ones
+decode needs.
 
 Adapter residency is owned by the caller (the adapter cache): `adapter_slots` maps an
 adapter name to the LoRA slot holding it, and only requests whose adapter is in it run.

@@ -61,9 +61,9 @@ class DataPlaneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.max_num_batched_tokens is not None and (not isinstance(self.max_num_batched_tokens, int)
-                                                        or self.max_num_batched_tokens < 1):
-            raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        budget = self.max_num_batched_tokens
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {budget!r}")
         if self.max_cpu_loras < self.max_loras:
             # As in vLLM: every adapter in a GPU slot is also held in the CPU tier.
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")

@@ -137,7 +137,7 @@ def test_preemption_mid_prompt_recomputes_and_gives_identical_output(llama):
 
 
 def test_the_data_plane_flag_sets_the_step_budget(monkeypatch):
-    from data_plane.server.config import from_args
+    from data_plane.server.config import DataPlaneConfig, from_args
     from loraplane.cli import build_parser
 
     monkeypatch.delenv("LORAPLANE_ADMIN_TOKEN", raising=False)
@@ -148,6 +148,8 @@ def test_the_data_plane_flag_sets_the_step_budget(monkeypatch):
     assert from_args(parser.parse_args(base)).max_num_batched_tokens is None
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         from_args(parser.parse_args([*base, "--max-num-batched-tokens", "0"]))
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        DataPlaneConfig(model="m", control_plane="127.0.0.1:1", max_num_batched_tokens=True)
 
 
 def test_generate_runs_through_steps_that_yield_no_token(llama):
@@ -157,3 +159,27 @@ def test_generate_runs_through_steps_that_yield_no_token(llama):
     chunked = make_engine(model, adapters, max_num_batched_tokens=4).generate(prompts, ["all", None], params)
     whole = make_engine(model, adapters).generate(prompts, ["all", None], params)
     assert [c.token_ids for c in chunked] == [c.token_ids for c in whole]
+
+
+def test_decode_rows_gather_only_the_blocks_written_so_far(llama):
+    """A prompt fed one token a step takes the decode path; its reserved but unwritten blocks stay
+    out of the step's block tables, so no decode row gathers (masked) keys that do not exist yet."""
+    model, adapters = llama
+    engine = make_engine(model, adapters, max_num_batched_tokens=3, kv_block_size=4)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for prompt in random_prompts([2, 3], seed=29):
+        engine.add_request(prompt, params)
+    engine.step()  # both prompts, 2 + ... tokens: the first whole, the second chunked
+    engine.step()
+    engine.add_request(random_prompts([40], seed=30)[0], params)  # reserves 10 blocks of 4
+    widths = []
+    forward = engine.model.forward
+
+    def recording(input_ids, positions, ctx):
+        widths.append((ctx.block_tables.shape[1], int(positions.max())))
+        return forward(input_ids, positions, ctx)
+
+    engine.model.forward = recording
+    for _ in range(4):  # two decodes and one prompt token a step: every row is one token
+        engine.step()
+    assert all(width == -(-(top + 1) // 4) for width, top in widths), widths
