@@ -99,6 +99,7 @@ def run_hf(model, prompts, adapters) -> tuple[Timed, list[list[int]]]:
 def make_engine(workdir: Path, kv_bytes: int) -> Engine:
     engine = Engine(EngineConfig(model=str(workdir / "model"), max_loras=N_ADAPTERS, max_lora_rank=RANK,
                                  max_num_seqs=N_REQ, max_model_len=PROMPT + NEW, kv_cache_bytes=kv_bytes,
+                                 enable_prefix_caching=False,  # repeats reuse the prompts; HF has no such cache
                                  dtype="float32"))
     spec = ModelSpec.from_pretrained(str(workdir / "model"))
     for i in range(N_ADAPTERS):

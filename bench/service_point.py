@@ -91,7 +91,8 @@ def service(bench, max_loras: int, max_cpu_loras: int):
                    "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(p.rank),
                    "--max-num-seqs", str(p.concurrency), "--max-model-len", str(p.max_model_len),
                    "--dtype", p.dtype, "--device", p.device, "--disk-cache-dir", str(work / "dp-disk"),
-                   "--metrics-port", str(metrics_port)]
+                   "--metrics-port", str(metrics_port),
+                   "--no-enable-prefix-caching"]  # as the in-process engine it is compared with
         stack.enter_context(_process(dp_args, f"127.0.0.1:{dp_port}", "readiness"))
         yield f"127.0.0.1:{dp_port}", f"http://127.0.0.1:{metrics_port}/metrics", [cp_args, dp_args]
 

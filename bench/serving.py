@@ -58,7 +58,8 @@ def make_engine(model: Path, streams: int, new: int) -> tuple[Engine, dict]:
     from loraplane.model_spec import ModelSpec
 
     engine = Engine(EngineConfig(model=str(model), max_loras=N_ADAPTERS, max_lora_rank=RANK,
-                                 max_num_seqs=streams, max_model_len=PROMPT + new, dtype="float32"))
+                                 max_num_seqs=streams, max_model_len=PROMPT + new, dtype="float32",
+                                 enable_prefix_caching=False))  # as the data plane below: repeats reuse prompts
     spec = ModelSpec.from_pretrained(str(model))
     normalized = {i: normalize_peft_dir(adapter_dir(model.parent, i), spec, RANK) for i in range(N_ADAPTERS)}
     for i, adapter in normalized.items():
@@ -129,7 +130,7 @@ def start_data_plane(model: Path, cp_address: str, redis_url: str, streams: int,
          "--control-plane", cp_address, "--redis-url", redis_url, "--listen", f"127.0.0.1:{port}",
          "--max-loras", str(N_ADAPTERS), "--max-cpu-loras", str(N_ADAPTERS), "--max-lora-rank", str(RANK),
          "--max-num-seqs", str(streams), "--max-model-len", str(PROMPT + new), "--dtype", "float32",
-         "--device", "cpu", "--disk-cache-dir", str(work / "dp-disk")])
+         "--device", "cpu", "--disk-cache-dir", str(work / "dp-disk"), "--no-enable-prefix-caching"])
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     for _ in range(1200):
         try:

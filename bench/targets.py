@@ -117,7 +117,10 @@ class InProcessTarget:
             engine = Engine(EngineConfig(
                 model=str(s.model), max_loras=s.max_loras, max_lora_rank=s.max_lora_rank,
                 max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, dtype=s.dtype, device=s.device,
-                kv_cache_bytes=s.kv_cache_bytes))
+                kv_cache_bytes=s.kv_cache_bytes,
+                # Off in benchmarks: interleaved repeats reuse the same prompts, and the peers
+                # (HF + PEFT) have no cross-request cache. This measures batching and LoRA.
+                enable_prefix_caching=False))
             # First-call allocations and lazy imports, outside any timed run.
             engine.generate([[1, 2, 3]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
             release_openmp_pools()  # this engine thread's: see detach

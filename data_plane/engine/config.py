@@ -22,6 +22,7 @@ class EngineConfig:
     dtype: str = "auto"                     # auto (the checkpoint's dtype, else float32), float32, bfloat16, float16
     device: str = "cpu"
     kv_block_size: int = 16                 # tokens per KV cache block
+    enable_prefix_caching: bool = True      # reuse the KV blocks of a prompt prefix already computed (same adapter)
     num_kv_blocks: int | None = None        # give this, or kv_cache_bytes, or neither (room for max_num_seqs
     kv_cache_bytes: int | None = None       #   requests of max_model_len tokens)
 
@@ -45,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("give num_kv_blocks or kv_cache_bytes, not both")
         if self.num_kv_blocks is not None:

@@ -17,6 +17,7 @@ LoRA slot. The adapter cache owns the mapping through `load_adapter(name, slot, 
 
 from __future__ import annotations
 
+import os
 import secrets
 import uuid
 
@@ -61,7 +62,7 @@ class Engine:
         use_onednn_linears(self.model, device, self.dtype)  # after LoRA wraps them: it swaps the wrapped bases too
         blocks = num_blocks(config, self.spec, self.dtype)
         self.kv = KVCache.allocate(self.spec, blocks, config.kv_block_size, self.dtype, device)
-        self.blocks = BlockManager(blocks, config.kv_block_size)
+        self.blocks = BlockManager(blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(self.model, self.kv, config.kv_block_size, self.loras, device)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -161,6 +162,7 @@ class Engine:
         sampled = [r for r, s in zip(batch.requests, batch.sample, strict=True) if s]
         for request, n in zip(batch.requests, batch.num_new, strict=True):
             request.num_computed_tokens += n
+            self.blocks.commit(request)  # before a finished request frees its blocks
         for request, token_id in zip(sampled, token_ids, strict=True):
             reason = self.outputs.append_token(request, token_id)
             outputs.append(self.outputs.output(request, reason))
@@ -184,7 +186,8 @@ class Engine:
             raise invalid_argument("adapter", "adapter name must be a non-empty string")
         self.loras.check_slot(slot)
         slots = self.scheduler.adapter_slots
-        previous = [n for n, s in slots.items() if s == slot] + ([name] if name in slots else [])
+        # The slot's adapter, and this name's old slot; one name when a name is loaded again in its slot.
+        previous = list(dict.fromkeys([n for n, s in slots.items() if s == slot] + ([name] if name in slots else [])))
         busy = set(previous) & self.scheduler.adapters_in_use()
         if busy:
             raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
@@ -193,7 +196,9 @@ class Engine:
         self.loras.load_adapter(slot, adapter)  # validates before writing: state unchanged on error
         for old in previous:
             del slots[old]
+            self.scheduler.adapter_salts.pop(old, None)
         slots[name] = slot
+        self.scheduler.adapter_salts[name] = os.urandom(16)
 
     def evict_adapter(self, name: str) -> int:
         """Unmap `name` and clear its slot; returns the freed slot. Refused while running requests use it."""
@@ -204,6 +209,7 @@ class Engine:
             raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
                                  f"adapter {name} is in use by running requests", {"adapter": name})
         slot = slots.pop(name)
+        self.scheduler.adapter_salts.pop(name, None)
         self.loras.clear_slot(slot)
         return slot
 

@@ -85,8 +85,8 @@ def _batch_tokens(batch: Batch):
     """Flat input ids, positions, sequence index of each token, [start, end) of each sequence's rows.
 
     Each request feeds its tokens from num_computed_tokens on: a whole prompt, the next chunk of
-    one, or (a decode) its last token. After preemption that is again from position 0: there is
-    no prefix cache, and preemption recomputes.
+    one, the rest after a cached prefix, or (a decode) its last token. After preemption that is
+    again from position 0, less whatever of it the prefix cache still holds.
     """
     requests = batch.requests
     first = [r.num_computed_tokens for r in requests]

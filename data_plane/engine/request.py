@@ -88,8 +88,14 @@ class Request:
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
     # Tokens whose KV is in the cache: the next step feeds from here. A prompt longer than a step's
-    # token budget is fed in chunks; a preempted request starts again from 0 (recompute).
+    # token budget is fed in chunks; admission starts it past a cached prefix; a preempted request
+    # starts again from 0 (recompute), or from its prefix if still cached.
     num_computed_tokens: int = 0
+    # Prefix caching (block_manager.py): the digest of each full block of the sequence so far, what
+    # they were computed with (the adapter as loaded), and how many of the blocks are registered.
+    block_digests: list[bytes] = field(default_factory=list)
+    digest_salt: bytes = b""
+    num_committed_blocks: int = 0
     lora_slot: int = -1                       # set by the scheduler for each batch it is in
     num_preemptions: int = 0
     # Output text: `text` is everything decoded (stop string cut off); `num_sent_chars` of it

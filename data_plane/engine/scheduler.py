@@ -10,7 +10,8 @@ then waiting requests, admitted in arrival order while the KV cache, max_num_seq
 budget and the adapter slots allow. A request whose adapter is not resident is skipped (it
 waits; the ones behind it still run). A request that does not fit the KV cache stops admission,
 so a long prompt is not starved by short ones behind it; admission reserves a request's blocks
-for its whole prompt at once, so its later chunks never wait for memory.
+for its whole prompt at once, so its later chunks never wait for memory, and takes the blocks of
+a cached prefix (prefix caching, block_manager.py) as already computed.
 A step that preempted feeds no prompt tokens and admits nothing: the blocks just freed are the ones
 decode needs.
 
@@ -59,6 +60,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.adapter_slots: dict[str, int] = {}
+        # What an adapter's KV is cached under: new random bytes each time it is loaded, so a name
+        # loaded again with other weights never reuses the old weights' cached prefixes.
+        self.adapter_salts: dict[str, bytes] = {}
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -103,9 +107,10 @@ class Scheduler:
                     continue
                 if request.adapter not in adapters and len(adapters) >= self.config.max_loras:
                     continue
-            if not self.blocks.can_allocate(request):
+            salt = self.adapter_salts.get(request.adapter, b"") if request.adapter is not None else b""
+            if not self.blocks.can_allocate(request, salt):
                 break
-            self.blocks.allocate(request)
+            self.blocks.allocate(request, salt)  # a cached prefix counts as computed
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             n = min(request.num_uncomputed_tokens, budget)

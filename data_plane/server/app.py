@@ -66,7 +66,8 @@ class DataPlane:
         c = self.config
         engine = Engine(EngineConfig(model=c.model, max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
                                      max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
-                                     max_num_batched_tokens=c.max_num_batched_tokens, dtype=c.dtype,
+                                     max_num_batched_tokens=c.max_num_batched_tokens,
+                                     enable_prefix_caching=c.enable_prefix_caching, dtype=c.dtype,
                                      device=c.device, kv_cache_bytes=c.kv_cache_bytes))
         # Warm up (allocator, kernels, lazy imports) before readiness says SERVING.
         engine.generate([[0, 1, 2]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))

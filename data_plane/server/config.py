@@ -33,6 +33,7 @@ class DataPlaneConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048
     max_num_batched_tokens: int | None = None  # None: the engine's default, max(max_model_len, 2048)
+    enable_prefix_caching: bool = True
     dtype: str = "auto"
     device: str = "auto"
     kv_cache_bytes: int | None = None
@@ -64,6 +65,8 @@ class DataPlaneConfig:
         budget = self.max_num_batched_tokens
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {budget!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if self.max_cpu_loras < self.max_loras:
             # As in vLLM: every adapter in a GPU slot is also held in the CPU tier.
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
@@ -119,6 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="tokens one engine step carries, decodes included; longer prompts are fed in chunks "
                         "over several steps (default: max(max-model-len, 2048))")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes computed before, on the same adapter (default on)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget (default: room for max-num-seqs full requests)")
@@ -146,7 +151,8 @@ def from_args(args: argparse.Namespace) -> DataPlaneConfig:
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
         max_cpu_lora_bytes=args.max_cpu_lora_bytes, max_pinned_loras=args.max_pinned_loras,
         disk_cache_dir=args.disk_cache_dir, disk_cache_bytes=args.disk_cache_bytes, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, dtype=args.dtype,
         device=args.device, kv_cache_bytes=args.kv_cache_bytes,
         distribution_token=load_token(args.distribution_token, "LORAPLANE_DISTRIBUTION_TOKEN",
                                       args.distribution_token_file),

@@ -38,6 +38,8 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()
     gpu_adapters: tuple[str, ...] = ()
     free_slots: int = 0
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0      # of those, found cached (not recomputed)
 
 
 def _deliver(items: list) -> None:
@@ -168,7 +170,8 @@ class EngineLoop:
             kv_usage=blocks.num_used / blocks.num_blocks if blocks.num_blocks else 0.0,
             running_adapters=tuple(sorted(self.engine.adapters_in_use())),
             waiting_adapters=tuple(self.engine.waiting_adapters()),
-            gpu_adapters=tuple(self.slots.keys()), free_slots=self.slots.free_slots)
+            gpu_adapters=tuple(self.slots.keys()), free_slots=self.slots.free_slots,
+            prefix_cache_queries=blocks.prefix_queries, prefix_cache_hits=blocks.prefix_hits)
 
     def _drain_commands(self, block: bool) -> None:
         try:

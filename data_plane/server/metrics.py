@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from data_plane.server.engine_loop import EngineStats
 
@@ -47,6 +47,19 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model], value)
             yield g
+        for name, doc, value in (
+            ("loraplane_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            ("loraplane_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             s.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_cache_hits),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model], value)
+            yield c
         # vLLM's form: the value is a timestamp, the adapters are comma-joined label values.
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])

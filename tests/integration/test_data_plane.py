@@ -272,8 +272,11 @@ def test_heartbeat_and_metrics(plane, redis_url, redis_prefix, dp_factory):
 
     port = free_port()
     dp = dp_factory(cp.address, metrics_port=port, replica_id="metrics-dp")
+    long_prompt = list(range(1, 40))  # two full KV blocks of 16 before its last token
     with dp.client() as c:
         tokens(c, PROMPTS[0], "alpha")
+        first, _ = tokens(c, long_prompt, "alpha")
+        assert tokens(c, long_prompt, "alpha")[0] == first  # the second time from the prefix cache
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     key = f"{redis_prefix}:{{reg}}:replica:metrics-dp"
     assert wait_for(lambda: '"alpha"' in client.hget(key, "gpu") or "")
@@ -282,8 +285,10 @@ def test_heartbeat_and_metrics(plane, redis_url, redis_prefix, dp_factory):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for series in ("vllm:lora_requests_info{", "max_lora=\"2\"", "vllm:num_requests_waiting{",
                    "vllm:kv_cache_usage_perc{", "loraplane_time_to_first_token_seconds_bucket",
-                   "loraplane_adapter_requests_total{adapter=\"alpha\"}", "loraplane_requests_running"):
+                   "loraplane_adapter_requests_total{adapter=\"alpha\"}", "loraplane_requests_running",
+                   "vllm:prefix_cache_queries_total{", "vllm:prefix_cache_hits_total{"):
         assert series in body, series
+    assert "loraplane_prefix_cache_hits_total 32.0" in body  # 2 blocks of 16 tokens reused
 
 
 def test_engine_failure_fails_the_batch_and_the_replica_keeps_serving(plane, oracle, monkeypatch):

@@ -105,6 +105,7 @@ def test_the_engine_still_works_after_refusals(engine):
     (dict(num_kv_blocks=4, kv_cache_bytes=1 << 20), "not both"),
     (dict(num_kv_blocks=3, max_model_len=64, kv_block_size=16), "num_kv_blocks"),
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+    (dict(enable_prefix_caching=1), "enable_prefix_caching"),
     (dict(kv_block_size=0), "kv_block_size"),
     (dict(model=""), "model"),
 ])

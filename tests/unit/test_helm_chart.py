@@ -54,6 +54,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "tolerations": [{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
             "maxModelLen": 8192,
             "maxNumBatchedTokens": 1024,
+            "enablePrefixCaching": False,
         },
     },
     "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
@@ -671,6 +672,7 @@ def test_data_plane_args_parse_with_the_real_cli(rendered):
         assert args.control_plane == "lp-loraplane-control-plane:50051"
         assert args.max_lora_rank == 64 and args.disk_cache_bytes == 20 << 30
         assert str(args.disk_cache_dir) == "/var/lib/loraplane/adapter-cache"
+        assert args.enable_prefix_caching is (scenario != "four-gpus"), scenario
 
 
 def test_data_plane_flags(rendered):
@@ -681,9 +683,10 @@ def test_data_plane_flags(rendered):
     assert f["--control-plane"] == ["lp-loraplane-control-plane:50051"]
     assert f["--replica-id"] == ["$(POD_NAME)"] and f["--advertise-address"] == ["$(POD_IP):50052"]
     assert f["--max-model-len"] == ["8192"] and f["--max-lora-rank"] == ["64"]
-    assert f["--max-num-batched-tokens"] == ["1024"]
-    default = flags(container(one(rendered["default"], "Deployment", "data-plane"), "data-plane"))
-    assert "--max-model-len" not in default and "--max-num-batched-tokens" not in default
+    assert f["--max-num-batched-tokens"] == ["1024"] and "--no-enable-prefix-caching" in c["args"]
+    default = container(one(rendered["default"], "Deployment", "data-plane"), "data-plane")
+    assert not {"--max-model-len", "--max-num-batched-tokens"} & set(flags(default))
+    assert "--no-enable-prefix-caching" not in default["args"]
     e = env(c)
     assert e["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert e["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
