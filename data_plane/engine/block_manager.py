@@ -78,7 +78,7 @@ class BlockManager:
         request.block_table = hits + fresh
         request.num_computed_tokens = len(hits) * self.block_size
         request.num_committed_blocks = len(hits)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not request.num_preemptions:  # prompts, not recomputes
             self.prefix_queries += request.num_tokens
             self.prefix_hits += request.num_computed_tokens
         self._note_usage()
@@ -110,12 +110,25 @@ class BlockManager:
 
     def free(self, request: Request) -> None:
         # Last blocks first, so a free list that must evict loses the ends of prefixes before their starts.
-        for block in reversed(request.block_table):
+        for i in reversed(range(len(request.block_table))):
+            block = request.block_table[i]
             self._refs[block] -= 1
-            if self._refs[block] == 0:
-                self._free[block] = None
-                self._free.move_to_end(block, last=block in self._digest_of)
+            if self._refs[block]:
+                continue
+            if i < request.num_committed_blocks and block not in self._digest_of:
+                # A duplicate of a registered block (two requests computed one prefix at once): it
+                # takes over the digest if the registered copy has been evicted meanwhile.
+                digest = request.block_digests[i]
+                if digest not in self._cached:
+                    self._cached[digest] = block
+                    self._digest_of[block] = digest
+            self._free[block] = None
+            self._free.move_to_end(block, last=block in self._digest_of)
         request.block_table = []
+
+    def reset_prefix_stats(self) -> None:
+        """Zero the hit counters (after a warm-up, say); the cache itself is kept."""
+        self.prefix_queries = self.prefix_hits = 0
 
     def _take(self) -> int:
         block, _ = self._free.popitem(last=False)
@@ -145,7 +158,7 @@ class BlockManager:
     def _digest(self, request: Request, index: int) -> bytes:
         parent = request.block_digests[index - 1] if index else request.digest_salt
         tokens = request.token_ids_from(index * self.block_size, self.block_size)
-        return hashlib.sha256(parent + array("I", tokens).tobytes()).digest()
+        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()  # "q": 8 bytes everywhere
 
     def _missing(self, request: Request) -> int:
         return max(0, self.blocks_for(request.num_tokens) - len(request.block_table))

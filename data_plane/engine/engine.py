@@ -175,10 +175,14 @@ class Engine:
 
     # ---- adapter residency (the adapter cache's hooks) -------------------------------------
 
-    def load_adapter(self, name: str, slot: int, adapter: NormalizedAdapter) -> None:
+    def load_adapter(self, name: str, slot: int, adapter: NormalizedAdapter, cache_salt: bytes | None = None) -> None:
         """Copy `adapter` into `slot` and route requests naming `name` to it.
 
         Whatever adapter held the slot before is evicted; refused if running requests use it.
+        `cache_salt` names these weights for prefix caching: give the same bytes only for the same
+        weights (the data plane gives its content-addressed key), and cached KV survives the adapter
+        being evicted and loaded again. None: fresh random bytes, so nothing computed with other
+        weights under this name is reused.
         """
         if self.loras is None:
             raise invalid_argument("slot", "this engine has max_loras=0: no LoRA slots")
@@ -198,7 +202,7 @@ class Engine:
             del slots[old]
             self.scheduler.adapter_salts.pop(old, None)
         slots[name] = slot
-        self.scheduler.adapter_salts[name] = os.urandom(16)
+        self.scheduler.adapter_salts[name] = b"adapter:" + (cache_salt if cache_salt is not None else os.urandom(16))
 
     def evict_adapter(self, name: str) -> int:
         """Unmap `name` and clear its slot; returns the freed slot. Refused while running requests use it."""

@@ -60,8 +60,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.adapter_slots: dict[str, int] = {}
-        # What an adapter's KV is cached under: new random bytes each time it is loaded, so a name
-        # loaded again with other weights never reuses the old weights' cached prefixes.
+        # What an adapter's KV is cached under (Engine.load_adapter's cache_salt): the same bytes only
+        # for the same weights, so a name loaded again with other weights never reuses old prefixes.
         self.adapter_salts: dict[str, bytes] = {}
         self.num_preemptions = 0
 
@@ -107,7 +107,7 @@ class Scheduler:
                     continue
                 if request.adapter not in adapters and len(adapters) >= self.config.max_loras:
                     continue
-            salt = self.adapter_salts.get(request.adapter, b"") if request.adapter is not None else b""
+            salt = self.adapter_salts[request.adapter] if request.adapter is not None else b""
             if not self.blocks.can_allocate(request, salt):
                 break
             self.blocks.allocate(request, salt)  # a cached prefix counts as computed

@@ -71,6 +71,7 @@ class DataPlane:
                                      device=c.device, kv_cache_bytes=c.kv_cache_bytes))
         # Warm up (allocator, kernels, lazy imports) before readiness says SERVING.
         engine.generate([[0, 1, 2]], sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+        engine.blocks.reset_prefix_stats()  # the metrics count users' prompts only
         return engine
 
     async def start(self) -> DataPlane:

@@ -236,7 +236,9 @@ class EngineLoop:
             if victim is not None:
                 self.engine.evict_adapter(victim)
                 self.slots.removed(victim)
-            self.engine.load_adapter(key, slot, adapter)
+            # The key's version is the weights' sha256, so the key can name the adapter's cached KV:
+            # prefixes survive the adapter leaving its slot and coming back.
+            self.engine.load_adapter(key, slot, adapter, cache_salt=key.encode())
         except LoraplaneError as e:
             logger.warning("could not load %s into slot %d: %s", key, slot, e)
             return False

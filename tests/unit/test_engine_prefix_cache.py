@@ -138,3 +138,55 @@ def test_cached_blocks_are_evicted_when_memory_is_needed(llama):
     assert got == expected
     assert tight.blocks.num_used == 0 and tight.blocks.peak_used <= 8
     assert tight.blocks.num_cached <= 8
+
+
+def test_an_adapter_loaded_again_with_the_same_cache_salt_keeps_its_prefixes(llama):
+    """The data plane's promotions: the same weights under a content-addressed key, evicted and back."""
+    model, adapters, oracle = llama
+    engine = make_engine(model, kv_block_size=BLOCK, max_loras=1)  # one slot: loading y evicts x
+    _, first, second = shared_prefix_prompts(seed=40)
+    weights = normalized(model, adapters["x"])
+    engine.load_adapter("x", 0, weights, cache_salt=b"x@sha256:1")
+    run(engine, [first], ["x"])
+    engine.load_adapter("y", 0, normalized(model, adapters["y"]), cache_salt=b"y@sha256:2")  # evicts x
+    engine.load_adapter("x", 0, weights, cache_salt=b"x@sha256:1")
+    tokens, cached = run(engine, [second], ["x"])
+    assert cached == [3 * BLOCK]
+    assert tokens == [oracle.generate([second], ["x"], 5)[0][0]]
+
+
+def test_the_hit_counters_count_first_admissions_only(llama):
+    model, adapters, _ = llama
+    engine = make_engine(model, adapters, kv_block_size=BLOCK, num_kv_blocks=9, max_model_len=64,
+                         max_num_batched_tokens=6)
+    prompts = random_prompts([20, 9, 31, 14, 26], seed=41)
+    for prompt, name in zip(prompts, ["x", None, "y", "x", None], strict=True):
+        engine.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True), name)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0  # re-admissions happened, and are not counted
+    assert engine.blocks.prefix_queries == sum(len(p) for p in prompts)
+
+
+def test_a_duplicate_block_takes_over_the_digest_when_the_registered_copy_is_evicted():
+    from data_plane.engine.block_manager import BlockManager
+    from data_plane.engine.request import Request
+
+    blocks = BlockManager(num_blocks=6, block_size=2)
+    prompt = [1, 2, 3, 4, 5]  # two full blocks before the last token
+
+    def admitted(tokens: list[int], name: str) -> Request:
+        request = Request(name, list(tokens), PARAMS, None)
+        blocks.allocate(request)
+        return request
+
+    a, b = admitted(prompt, "a"), admitted(prompt, "b")  # in one step: neither finds the other's blocks
+    for request in (a, b):
+        request.num_computed_tokens = 5
+        blocks.commit(request)  # a's blocks are registered; b's are duplicates
+    blocks.free(a)
+    admitted([9, 9, 9, 9, 9, 9], "c")  # takes every free block, evicting a's cached ones
+    b_blocks = b.block_table[:2]
+    blocks.free(b)
+    d = admitted(prompt, "d")
+    assert d.num_computed_tokens == 4 and d.block_table[:2] == b_blocks
