@@ -57,9 +57,7 @@ class BlockManager:
     def can_allocate(self, request: Request, salt: bytes = b"") -> bool:
         """Room for the KV of all the request's tokens (a prefill, or a recompute after preemption),
         counting the blocks its cached prefix already holds."""
-        hits = self._prefix_hits(request, salt)
-        reused_free = sum(1 for b in hits if self._refs[b] == 0)
-        return self.blocks_for(request.num_tokens) - len(hits) <= len(self._free) - reused_free
+        return self._fits(request, self._prefix_hits(request, salt))
 
     def allocate(self, request: Request, salt: bytes = b"") -> None:
         """Reserve the request's blocks; its cached prefix is taken as computed (num_computed_tokens).
@@ -67,9 +65,9 @@ class BlockManager:
         `salt` names what the KV depends on besides the tokens: the adapter, as loaded."""
         if request.block_table:
             raise RuntimeError(f"request {request.request_id} already holds KV blocks")
-        if not self.can_allocate(request, salt):
-            raise RuntimeError("allocate called without can_allocate")
         hits = self._prefix_hits(request, salt)
+        if not self._fits(request, hits):
+            raise RuntimeError("allocate called without can_allocate")
         for block in hits:
             if self._refs[block] == 0:
                 del self._free[block]
@@ -129,6 +127,10 @@ class BlockManager:
     def reset_prefix_stats(self) -> None:
         """Zero the hit counters (after a warm-up, say); the cache itself is kept."""
         self.prefix_queries = self.prefix_hits = 0
+
+    def _fits(self, request: Request, hits: list[int]) -> bool:
+        reused_free = sum(1 for b in hits if self._refs[b] == 0)  # cached blocks on the free list
+        return self.blocks_for(request.num_tokens) - len(hits) <= len(self._free) - reused_free
 
     def _take(self) -> int:
         block, _ = self._free.popitem(last=False)

@@ -117,10 +117,6 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
-    @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens the model has not seen yet: the prompt (or its rest), or the one a decode feeds."""
         return self.num_tokens - self.num_computed_tokens
