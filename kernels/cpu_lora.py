@@ -1,5 +1,9 @@
 """Multi-LoRA on CPU (and any device without Triton): a few large torch calls per layer, in place where it can.
 
+Decode batches (a few tokens per slot) in the buffers LoraSlots allocates go
+to the compiled kernel (kernels/cpu_decode.py) when it is built: one call per projection. What
+follows is the torch path, for everything else and for hosts that cannot build the kernel.
+
 The reference (kernels/reference.py) loops over (slot, slice) pairs with ~20 small ops each, which at
 8 adapters cost more than the base model. This path chooses once per batch (cached on the metadata,
 shared by every layer) between two layouts:
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_decode
 from kernels.metadata import LoraBatchMeta
 
 # Padding waste above this (padded rows / real LoRA rows) means skewed groups (long prefill next to
@@ -109,8 +114,11 @@ def add_lora_cpu(
     scale: torch.Tensor | None = None,     # [S] per-slot scale, None = 1
     a_kmajor: torch.Tensor | None = None,  # [S, in, n * R]: the same A, input dimension first
 ) -> None:
-    p = plan(meta)
     a_t = a_kmajor if a_kmajor is not None else kmajor(a_stacks)
+    if cpu_decode.usable(y, x, a_t, b_stacks, meta):
+        cpu_decode.lora_decode(y, x, a_t, b_stacks, meta, scale)
+        return
+    p = plan(meta)
     (_grouped if p.grouped else _segments)(y, x, a_stacks, b_stacks, a_t, meta, p, scale)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data_plane.engine.request import SamplingParams
+from kernels import cpu_decode
 from loraplane.errors import LoraplaneError
 from loraplane.v1 import errors_pb2 as R
 from tests.unit.engine_helpers import (  # noqa: F401 - artifacts is a fixture
@@ -58,7 +59,9 @@ def llama_adapters(artifacts):  # noqa: F811
     }
 
 
-def test_mixed_ranks_modules_and_base_requests_match_hf(llama_adapters):
+@pytest.mark.parametrize("cpu_kernel", ["on", "off"])  # the compiled decode kernel, and the torch ops
+def test_mixed_ranks_modules_and_base_requests_match_hf(llama_adapters, cpu_kernel, monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, cpu_kernel)
     model, adapters = llama_adapters
     engine = make_engine(model, adapters)
     names = ["r1", None, "r8", "r64", "rslora", None, "layer1", "r64", "r1"]

@@ -1,10 +1,14 @@
-"""The CPU path (kernels/cpu_lora.py) against the reference, in each layout, and when each is chosen."""
+"""The CPU paths against the reference: the compiled decode kernel (kernels/cpu_decode.py) and the
+torch layouts (kernels/cpu_lora.py), and when each is chosen."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
+from kernels import cpu_decode
 from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan
 from kernels.metadata import LoraBatchMeta
 from kernels.ops import add_lora
@@ -79,7 +83,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("ranks", [None, [3, 16, 5, 16, 1, 2]])
 @pytest.mark.parametrize("adjacent", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_layout_matches_reference(layout, ranks, adjacent, dtype):
+def test_each_layout_matches_reference(layout, ranks, adjacent, dtype, monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, "off")  # the torch layouts themselves; the kernel has its own tests
     slots = LAYOUTS[layout]
     x, y, a, b, meta = make(slots, ranks=ranks, padding=float("nan"), dtype=dtype)
     p = plan(meta)
@@ -101,7 +106,8 @@ def test_each_layout_matches_reference(layout, ranks, adjacent, dtype):
 
 
 @pytest.mark.parametrize("layout", ["grouped view", "grouped gather", "segments in place", "segments gather"])
-def test_scale(layout):
+def test_scale(layout, monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, "off")
     x, y, a, b, meta = make(LAYOUTS[layout])
     scale = torch.tensor([0.5, 2.0, -1.0, 1, 3, 1])
     got = y.clone()
@@ -118,3 +124,108 @@ def test_layout_choice_is_made_once_per_batch():
     assert not plan(prefill).grouped
     _, _, _, _, sparse = make([0, 5])  # slots 0..5 spanned for 2 tokens: 6 rows for 2 is over the ratio
     assert not plan(sparse).grouped
+
+
+# The compiled decode kernel. CI builds it (g++ and ninja are there), so these require it: `on`.
+DECODE_BATCHES = {
+    "one per slot": [0, 1, 2, 3, 4, 5],
+    "in slot order": [0, 0, 1, 1, 2, 2],
+    "out of order with base tokens": [3, -1, 3, 0, -1, 5, 0, 3],
+    "holes": [0, 0, 2, 2, -1],
+    "single token": [4],
+    "a full slot": [1] * 32 + [2, -1, 0],
+    "skewed": [0] * 20 + [1, 2, 3, 4, 5],
+}
+
+
+@pytest.fixture
+def kernel_on(monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, "on")
+
+
+@pytest.mark.parametrize("batch", DECODE_BATCHES)
+@pytest.mark.parametrize("widths", [(48, 16, 16), (32,), (300,), (136, 200)])  # 300, 136: past a 128-column tile
+@pytest.mark.parametrize("ranks", [None, [3, 16, 5, 16, 1, 2]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_kernel_matches_reference(kernel_on, batch, widths, ranks, dtype):
+    slots = DECODE_BATCHES[batch]
+    x, y, a, b, meta = make(slots, widths, ranks=ranks, padding=float("nan"), dtype=dtype)
+    a_t, a = kmajor_stacks(a)
+    b = transposed_b(b)
+    if ranks:  # B past a slot's rank is never read either: NaN there must not reach y
+        for t in b:
+            for s, r in enumerate(ranks):
+                t[s, :, r:] = float("nan")
+    expected = reference(x, y, a, b, meta).float()
+    got = y.clone()
+    cpu_decode.lora_decode(got, x, a_t, b, meta)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    base_rows = [i for i, s in enumerate(slots) if s < 0]
+    assert torch.equal(got[base_rows], y[base_rows])
+
+
+def test_decode_kernel_scale_and_strided_rows(kernel_on):
+    x, y, a, b, meta = make([3, 0, 0, 5, -1, 3], widths=(40, 24))
+    a_t, a = kmajor_stacks(a)
+    b = transposed_b(b)
+    scale = torch.tensor([0.5, 2.0, -1.0, 1.5, 3.0, 0.25], dtype=torch.float64)  # any float dtype is taken
+    wide_x = torch.cat([x, torch.randn_like(x)], dim=1)[:, :x.shape[1]]  # rows strided, as slices of qkv are
+    wide_y = torch.cat([y, y], dim=1)
+    got = wide_y[:, :y.shape[1]]
+    cpu_decode.lora_decode(got, wide_x, a_t, b, meta, scale)
+    torch.testing.assert_close(got, reference(x, y, a, b, meta, scale.float()), rtol=1e-5, atol=1e-4)
+    assert torch.equal(wide_y[:, y.shape[1]:], y)  # columns outside y's view untouched
+
+
+def test_add_lora_sends_decode_batches_to_the_kernel_and_prefill_to_torch(kernel_on):
+    x, y, a, b, decode = make([0, 0, 1, 1, 2, 2])
+    a_t, a = kmajor_stacks(a)
+    b = transposed_b(b)
+    add_lora_cpu(y.clone(), x, a, b, decode, a_kmajor=a_t)
+    assert "_cpu_plan" not in decode.__dict__  # the torch layouts were never planned
+    _, _, _, _, prefill = make([0] * (cpu_decode.max_count() + 1) + [1] * 3)
+    xp, yp = torch.randn(len(prefill.token_slots), x.shape[1]), torch.zeros(len(prefill.token_slots), y.shape[1])
+    add_lora_cpu(yp, xp, a, b, prefill, a_kmajor=a_t)
+    assert not plan(prefill).grouped and "_cpu_plan" in prefill.__dict__
+    _, _, a_loose, b_loose, loose = make([0, 1])  # A not in one k-major buffer: the kernel cannot read it
+    add_lora_cpu(torch.zeros(2, y.shape[1]), torch.randn(2, x.shape[1]), a_loose, b_loose, loose)
+    assert "_cpu_plan" in loose.__dict__
+
+
+def test_decode_kernel_checks_its_operands(kernel_on):
+    x, y, a, b, meta = make([0, 1, 1])
+    a_t, a = kmajor_stacks(a)
+    b = transposed_b(b)
+    with pytest.raises(RuntimeError, match="width"):
+        cpu_decode.lora_decode(y[:, :-1], x, a_t, b, meta)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        cpu_decode.lora_decode(y[:2], x[:2], a_t, b, meta)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_decode.lora_decode(y.double(), x.double(), a_t, b, meta)
+
+
+def test_kernel_modes(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(cpu_decode.ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto, on, off"):
+        cpu_decode.extension()
+    monkeypatch.setenv(cpu_decode.ENV, "off")
+    x, y, a, b, meta = make([0, 1])
+    a_t, _ = kmajor_stacks(a)
+    assert cpu_decode.extension() is None and not cpu_decode.usable(y, x, a_t, transposed_b(b), meta)
+    # A host that cannot build it: auto warns once and keeps the torch path, on refuses.
+    monkeypatch.setattr(cpu_decode, "_BUILD", cpu_decode._Build())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu_decode.ENV, "auto")
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_decode"):
+        assert cpu_decode.extension() is None
+        assert cpu_decode.extension() is None
+    ours = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_decode"]
+    assert len(ours) == 1 and ours[0].startswith("CPU LoRA decode kernel unavailable")
+    got = y.clone()
+    add_lora(got, x, a, b, meta)
+    torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv(cpu_decode.ENV, "on")
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        cpu_decode.extension()

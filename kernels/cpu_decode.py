@@ -1,0 +1,125 @@
+"""The compiled CPU multi-LoRA kernel for decode batches (kernels/csrc/lora_decode.cpp): build, load, launch.
+
+The torch path (kernels/cpu_lora.py) spends a decode step's LoRA time on dispatching ~10 small ops
+per projection, not on LoRA bytes; this kernel does a projection's shrink and expand in one call.
+It is built on first use by torch's extension builder (needs g++ and ninja) into
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), once per instruction set: later processes
+load the cached library. The reference it is tested against is kernels/reference.py.
+
+LORAPLANE_CPU_KERNEL chooses: `auto` (default) builds it and, when it cannot be built, warns once
+and keeps the torch path; `off` never builds it; `on` raises when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kernels.metadata import LoraBatchMeta
+
+log = logging.getLogger(__name__)
+
+ENV = "LORAPLANE_CPU_KERNEL"
+MODES = ("auto", "on", "off")
+SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
+# The loops are written for the compiler to vectorise; the flags follow the ISA torch itself
+# dispatches to, never -march=native, so a cached build cannot carry instructions another host lacks.
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _Build:
+    """The one build per process: its module, or the reason there is none (so it is tried once)."""
+
+    def __init__(self) -> None:
+        self.module: ModuleType | None = None
+        self.error: str | None = None
+
+    def load(self) -> ModuleType | None:
+        if self.module is not None or self.error is not None:
+            return self.module
+        from torch.utils.cpp_extension import load  # noqa: PLC0415 - only CPU serving needs it
+
+        isa = torch.backends.cpu.get_cpu_capability()
+        started = time.perf_counter()
+        try:
+            self.module = load(f"loraplane_lora_decode_{isa.lower()}", [str(SOURCE)],
+                               extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])])
+        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+            return None
+        log.info("CPU LoRA decode kernel ready (%s) in %.1f s", isa, time.perf_counter() - started)
+        return self.module
+
+
+_BUILD = _Build()
+
+
+def mode() -> str:
+    choice = os.environ.get(ENV, "auto")
+    if choice not in MODES:
+        raise ValueError(f"{ENV} must be one of {', '.join(MODES)}, got {choice!r}")
+    return choice
+
+
+def extension() -> ModuleType | None:
+    """The built kernel, or None when it is off or cannot be built (`on` raises instead)."""
+    choice = mode()
+    if choice == "off":
+        return None
+    first = _BUILD.module is None and _BUILD.error is None
+    module = _BUILD.load()
+    if module is None:
+        if choice == "on":
+            raise RuntimeError(f"{ENV}=on but the CPU LoRA kernel cannot be built: {_BUILD.error}")
+        if first:
+            log.warning("CPU LoRA decode kernel unavailable, using torch ops (slower decode): %s",
+                        _BUILD.error)
+    return module
+
+
+def max_count() -> int:
+    module = extension()
+    return int(module.MAX_COUNT) if module is not None else 0
+
+
+def usable(y: torch.Tensor, x: torch.Tensor, a_kmajor: torch.Tensor | None,
+           b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta) -> bool:
+    """Whether lora_decode takes these operands (layouts LoraSlots allocates on CPU) and the kernel exists."""
+    return (a_kmajor is not None and y.device.type == "cpu" and y.dtype in DTYPES
+            and x.dtype == y.dtype == a_kmajor.dtype and x.stride(1) == 1 and y.stride(1) == 1
+            and a_kmajor.is_contiguous() and all(b.stride(1) == 1 and b.dtype == y.dtype for b in b_stacks)
+            and 0 < meta.max_count <= max_count())
+
+
+def lora_decode(
+    y: torch.Tensor,                       # [T, sum(out_i)], updated in place
+    x: torch.Tensor,                       # [T, in]
+    a_kmajor: torch.Tensor,                # [S, in, n * R] contiguous: slot s's slice i is [:, i * R:(i + 1) * R]
+    b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R] with out_i unit-stride
+    meta: LoraBatchMeta,                   # at most max_count() tokens per slot
+    scale: torch.Tensor | None = None,     # [S] per-slot scale, None = 1
+) -> None:
+    """y[t, slice i] += scale[slot] * (x[t] @ A_i[slot]^T) @ B_i[slot]^T for every token of a slot >= 0.
+
+    A and B past a slot's real rank are never used, whatever they hold. fp32 accumulation; y of
+    another dtype gets the delta rounded once, as in the reference.
+    """
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"the CPU LoRA decode kernel is unavailable (see {ENV})")
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    module.lora_decode(y, x, a_kmajor, list(b_stacks), meta.sorted_token_ids, meta.active_slots,
+                       meta.slot_starts, meta.slot_counts, meta.slot_ranks, scale)
