@@ -1,13 +1,14 @@
 """CPU benchmark of the engine against HF transformers + PEFT, side by side in one process.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.engine_cpu --out bench/results/engine_cpu.md
+    .venv/bin/python -m bench.engine_cpu --repeats 5 --out bench/results/engine_cpu.md
 
 Model: random Llama (hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate 1408, vocab 32000),
 fp32, torch.set_num_threads(2). Workload: 16 requests over 8 rank-16 adapters on all 7 projections,
 64-token prompts, 64 new tokens each (ignore_eos, greedy). Runs (a) HF + PEFT
 generate(adapter_names=...) on the whole batch, (b) the engine on the same mixed-adapter batch,
 (c) the engine on the same prompts with the base model, (d) (b) again under a KV budget too small
-for the batch, to show preemption keeps outputs identical and the budget holds.
+for the batch, to show preemption keeps outputs identical and the budget holds, (e) (b) with the
+compiled CPU LoRA decode kernel off (the torch ops), interleaved with (b) and (c).
 The model and adapters are built by a child process, so this process's peak RSS is the engine's
 until the HF model is loaded for (a), which runs last.
 """
@@ -34,6 +35,7 @@ from data_plane.engine.engine import Engine
 from data_plane.engine.kv_cache import block_bytes
 from data_plane.engine.request import SamplingParams
 from data_plane.models.onednn_linear import OneDnnLinear
+from kernels import cpu_decode
 from loraplane.adapter_format import normalize_peft_dir
 from loraplane.model_spec import ModelSpec
 
@@ -114,6 +116,19 @@ def run_engine(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]
     return timed, [list(c.token_ids) for c in done]
 
 
+def run_torch_ops(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]]]:
+    """The mixed run with the CPU LoRA decode kernel off: the torch ops it replaces, for the A/B."""
+    before = os.environ.get(cpu_decode.ENV)
+    os.environ[cpu_decode.ENV] = "off"
+    try:
+        return run_engine(engine, prompts, adapters)
+    finally:
+        if before is None:
+            del os.environ[cpu_decode.ENV]
+        else:
+            os.environ[cpu_decode.ENV] = before
+
+
 def best(runs: list[tuple[Timed, list[list[int]]]]) -> tuple[float, float, list[list[int]]]:
     """Best wall time and best CPU time over repeats (each minimum on its own), and the outputs."""
     return min(t.wall for t, _ in runs), min(t.cpu for t, _ in runs), runs[0][1]
@@ -134,6 +149,11 @@ def kv_line(engine: Engine, budget: int) -> str:
     return (f"budget {budget / 2**20:.1f} MiB; allocated {engine.kv.nbytes / 2**20:.1f} MiB "
             f"({engine.blocks.num_blocks} blocks of {per_block // 1024} KiB); peak in use "
             f"{engine.blocks.peak_used * per_block / 2**20:.1f} MiB ({engine.blocks.peak_used} blocks)")
+
+
+def _kernel_state() -> str:
+    module = cpu_decode.extension()
+    return f"built ({cpu_isa()})" if module is not None else "unavailable, (b) ran the torch ops too"
 
 
 def omp_prefix() -> str:
@@ -172,11 +192,12 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "bench.engine_cpu", "--build", str(workdir)], check=True)
         engine = make_engine(workdir, KV_BUDGET)
         run_engine(engine, prompts[:4], adapters[:4])  # warm-up
-        mixed_runs, base_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so load changes on a shared CPU hit both alike
+        mixed_runs, base_runs, torch_runs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so load changes on a shared CPU hit all alike
             mixed_runs.append(run_engine(engine, prompts, adapters))
             base_runs.append(run_engine(engine, prompts, [None] * N_REQ))
-        mixed, base = best(mixed_runs), best(base_runs)
+            torch_runs.append(run_torch_ops(engine, prompts, adapters))
+        mixed, base, torch_ops = best(mixed_runs), best(base_runs), best(torch_runs)
         kv_main = kv_line(engine, KV_BUDGET)
         weights = (sum(p.numel() * p.element_size() for p in engine.model.parameters())
                    + sum(m.nbytes for m in engine.model.modules() if isinstance(m, OneDnnLinear))) / 2**20
@@ -197,7 +218,8 @@ def main() -> None:
     rows = [("(a) HF transformers + PEFT, generate(adapter_names=...)", hf),
             ("(b) engine, mixed adapters (8 adapters x 2 requests)", mixed),
             ("(c) engine, base model only", base),
-            ("(d) engine, mixed adapters, KV budget 12 MiB (preempts)", tight)]
+            ("(d) engine, mixed adapters, KV budget 12 MiB (preempts)", tight),
+            (f"(e) engine, mixed adapters, torch LoRA ops ({cpu_decode.ENV}=off)", torch_ops)]
     command = " ".join(["python", "-m", "bench.engine_cpu", *sys.argv[1:]])
     lines = [
         "# Engine CPU benchmark", "",
@@ -216,7 +238,9 @@ def main() -> None:
         f"- mixed-adapter / base-only throughput: {base[0] / mixed[0]:.2f} (wall), {base[1] / mixed[1]:.2f} (CPU); "
         f"per interleaved pair (wall): {pair_ratios(mixed_runs, base_runs)}",
         f"- greedy tokens equal to HF+PEFT: {sum(a == b for a, b in zip(hf[2], mixed[2], strict=True))}"
-        f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}",
+        f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}; (e) equal to (b): {torch_ops[2] == mixed[2]}",
+        f"- CPU LoRA decode kernel: {_kernel_state()}; (b) vs (e): {torch_ops[0] / mixed[0]:.2f}x (wall), "
+        f"per interleaved pair {pair_ratios(mixed_runs, torch_runs)}",
         f"- KV, runs (b)/(c): {kv_main}",
         f"- KV, run (d): {kv_tight}",
         f"- peak RSS: {rss_engine:.0f} MiB after the engine runs ({memory}; the rest is the Python, "

@@ -94,13 +94,24 @@ def max_count() -> int:
     return int(module.MAX_COUNT) if module is not None else 0
 
 
+def for_batch(meta: LoraBatchMeta) -> ModuleType | None:
+    """The kernel when it takes this batch's shape, else None: decided once per batch (the metadata
+    is immutable and shared by every layer), which spares each of a step's calls the lookups."""
+    cached = meta.__dict__.get("_cpu_kernel", False)
+    if cached is not False:
+        return cached
+    module = extension() if 0 < meta.max_count <= max_count() else None
+    object.__setattr__(meta, "_cpu_kernel", module)
+    return module
+
+
 def usable(y: torch.Tensor, x: torch.Tensor, a_kmajor: torch.Tensor | None,
            b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta) -> bool:
     """Whether lora_decode takes these operands (layouts LoraSlots allocates on CPU) and the kernel exists."""
-    return (a_kmajor is not None and y.device.type == "cpu" and y.dtype in DTYPES
+    return (a_kmajor is not None and for_batch(meta) is not None and y.dtype in DTYPES
             and x.dtype == y.dtype == a_kmajor.dtype and x.stride(1) == 1 and y.stride(1) == 1
-            and a_kmajor.is_contiguous() and all(b.stride(1) == 1 and b.dtype == y.dtype for b in b_stacks)
-            and 0 < meta.max_count <= max_count())
+            and y.device.type == "cpu" and a_kmajor.is_contiguous()
+            and all(b.stride(1) == 1 and b.dtype == y.dtype for b in b_stacks))
 
 
 def lora_decode(
@@ -116,9 +127,10 @@ def lora_decode(
     A and B past a slot's real rank are never used, whatever they hold. fp32 accumulation; y of
     another dtype gets the delta rounded once, as in the reference.
     """
-    module = extension()
+    module = for_batch(meta)
     if module is None:
-        raise RuntimeError(f"the CPU LoRA decode kernel is unavailable (see {ENV})")
+        raise RuntimeError(f"the CPU LoRA decode kernel is unavailable (see {ENV}) or the batch has over "
+                           f"{max_count()} tokens in one slot")
     if scale is not None:
         scale = scale.to(torch.float32).contiguous()
     module.lora_decode(y, x, a_kmajor, list(b_stacks), meta.sorted_token_ids, meta.active_slots,

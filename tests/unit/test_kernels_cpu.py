@@ -223,8 +223,11 @@ def test_kernel_modes(monkeypatch, tmp_path, caplog):
         assert cpu_decode.extension() is None
     ours = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_decode"]
     assert len(ours) == 1 and ours[0].startswith("CPU LoRA decode kernel unavailable")
+    x, y, a, b, meta = make([0, 1])  # a new batch: the kernel is chosen once per batch
+    a_t, a = kmajor_stacks(a)
+    assert not cpu_decode.usable(y, x, a_t, transposed_b(b), meta)
     got = y.clone()
-    add_lora(got, x, a, b, meta)
+    add_lora(got, x, a, transposed_b(b), meta, a_kmajor=a_t)
     torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
     monkeypatch.setenv(cpu_decode.ENV, "on")
     with pytest.raises(RuntimeError, match="cannot be built"):
