@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import cpu_decode
-from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan
+from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan, split
 from kernels.metadata import LoraBatchMeta
 from kernels.ops import add_lora
 from kernels.reference import expand_ref, shrink_ref
@@ -178,19 +178,49 @@ def test_decode_kernel_scale_and_strided_rows(kernel_on):
     assert torch.equal(wide_y[:, y.shape[1]:], y)  # columns outside y's view untouched
 
 
-def test_add_lora_sends_decode_batches_to_the_kernel_and_prefill_to_torch(kernel_on):
+def test_add_lora_sends_decode_slots_to_the_kernel_and_prompt_slots_to_torch(kernel_on):
     x, y, a, b, decode = make([0, 0, 1, 1, 2, 2])
     a_t, a = kmajor_stacks(a)
     b = transposed_b(b)
+    assert split(decode) == (decode, None)
     add_lora_cpu(y.clone(), x, a, b, decode, a_kmajor=a_t)
     assert "_cpu_plan" not in decode.__dict__  # the torch layouts were never planned
-    _, _, _, _, prefill = make([0] * (cpu_decode.max_count() + 1) + [1] * 3)
-    xp, yp = torch.randn(len(prefill.token_slots), x.shape[1]), torch.zeros(len(prefill.token_slots), y.shape[1])
-    add_lora_cpu(yp, xp, a, b, prefill, a_kmajor=a_t)
-    assert not plan(prefill).grouped and "_cpu_plan" in prefill.__dict__
+    _, _, _, _, prompt = make([0] * (cpu_decode.max_count() + 1))
+    assert split(prompt) == (None, prompt)
     _, _, a_loose, b_loose, loose = make([0, 1])  # A not in one k-major buffer: the kernel cannot read it
     add_lora_cpu(torch.zeros(2, y.shape[1]), torch.randn(2, x.shape[1]), a_loose, b_loose, loose)
     assert "_cpu_plan" in loose.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ranks", [None, [3, 16, 5, 16, 1, 2]])
+@pytest.mark.parametrize("slots", [
+    [-1, -1] + [0] * 40 + [1, 1, 2, 4],  # a prompt of slot 0 beside decodes, in the engine's order
+    [3, 0] * 40 + [5, -1, 1],            # two long runs, out of order
+])
+def test_a_step_with_a_prompt_and_decodes_splits_and_matches_reference(kernel_on, slots, ranks, dtype):
+    x, y, a, b, meta = make(slots, ranks=ranks, padding=float("nan"), dtype=dtype)
+    a_t, a = kmajor_stacks(a)
+    b = transposed_b(b)
+    kernel_part, torch_part = split(meta)
+    assert set(kernel_part.active_slots_list) | set(torch_part.active_slots_list) == set(meta.active_slots_list)
+    assert max(kernel_part.slot_counts_list) <= cpu_decode.max_count() < min(torch_part.slot_counts_list)
+    got = y.clone()
+    add_lora_cpu(got, x, a, b, meta, a_kmajor=a_t)
+    assert "_cpu_plan" in torch_part.__dict__ and "_cpu_plan" not in kernel_part.__dict__
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.float(), reference(x, y, a, b, meta).float(), **tol)
+    base_rows = [i for i, s in enumerate(slots) if s < 0]
+    assert torch.equal(got[base_rows], y[base_rows])
+
+
+def test_subset_keeps_the_chosen_slots_runs():
+    _, _, _, _, meta = make([2, 0, 2, -1, 5, 0, 2], ranks=[4, 16, 8, 16, 16, 1])
+    part = meta.subset([0, 2])  # slots 0 and 5
+    assert part.active_slots_list == (0, 5) and part.slot_counts_list == (2, 1) and part.slot_starts_list == (0, 2)
+    assert part.slot_ranks_list == (4, 1) and part.max_count == 2
+    assert part.sorted_token_ids.tolist() == [1, 5, 4]
+    assert part.token_slots.tolist() == [-1, 0, -1, -1, 5, 0, -1]
 
 
 def test_decode_kernel_checks_its_operands(kernel_on):
