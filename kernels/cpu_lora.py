@@ -98,7 +98,9 @@ def split(meta: LoraBatchMeta) -> tuple[LoraBatchMeta | None, LoraBatchMeta | No
     cached = meta.__dict__.get("_cpu_split")
     if cached is not None:
         return cached
-    limit = cpu_decode.max_count()  # 0 when the kernel is off or cannot be built
+    # 0 when the kernel is off or cannot be built; the torch ops on CUDA (LORAPLANE_LORA_BACKEND=torch)
+    # must not build a CPU kernel.
+    limit = cpu_decode.max_count() if meta.token_slots.device.type == "cpu" else 0
     small = [i for i, count in enumerate(meta.slot_counts_list) if count <= limit]
     if len(small) == len(meta.slot_counts_list):
         result = (meta, None)
