@@ -15,10 +15,86 @@
 
 namespace {
 
-// The decode layout caps tokens per slot (kernels/cpu_lora.py: MAX_TOKENS_PER_SLOT); an expand tile
-// of kMaxCount x kChunk fp32 accumulators then stays in L1.
+// The decode layout caps tokens per slot (kernels/cpu_lora.py splits larger slots off to the torch
+// ops). Both phases work on blocks of kTokens tokens x kCols* columns whose fp32 accumulators stay
+// in vector registers (8 of 32 AVX-512 registers, 16 of 16 AVX2 ones), so each A or B element is
+// loaded once per token block and no partial sum goes through memory.
 constexpr int64_t kMaxCount = 32;
+constexpr int kTokens = 4;
+constexpr int kColsShrink = 16;
+constexpr int kColsExpand = 32;
+// Expand tasks: column chunks of a slice, for one slot; enough of them to keep both threads busy
+// on a single-slot batch.
 constexpr int64_t kChunk = 128;
+
+// out[j][0:w] = sum_k x[j][k] * a[k * lda + 0:w] for J tokens; w = kColsShrink when Full.
+template <int J, bool Full, typename T>
+inline void shrink_block(const T* const* x, int64_t K, const T* a, int64_t lda, int w, float* const* out) {
+  const int W = Full ? kColsShrink : w;
+  float acc[J][kColsShrink] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* ak = a + k * lda;
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const float xv = static_cast<float>(x[j][k]);
+#pragma omp simd
+      for (int c = 0; c < W; ++c) acc[j][c] += xv * static_cast<float>(ak[c]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < W; ++c) out[j][c] = acc[j][c];
+}
+
+// y[j][0:w] += round(sum_r v[j][r] * b[r * ldb + 0:w]) for J tokens, r < rank; w = kColsExpand when
+// Full. The delta is summed in fp32 and rounded once into y, as the reference does.
+template <int J, bool Full, typename T>
+inline void expand_block(const float* const* v, int64_t rank, const T* b, int64_t ldb, int w, T* const* y) {
+  const int W = Full ? kColsExpand : w;
+  float acc[J][kColsExpand] = {};
+  for (int64_t r = 0; r < rank; ++r) {
+    const T* br = b + r * ldb;
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const float vv = v[j][r];
+#pragma omp simd
+      for (int c = 0; c < W; ++c) acc[j][c] += vv * static_cast<float>(br[c]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < W; ++c)
+      y[j][c] = static_cast<T>(static_cast<float>(y[j][c]) + static_cast<float>(static_cast<T>(acc[j][c])));
+}
+
+// The J (1..kTokens) and Full template arguments, chosen at run time.
+template <typename T>
+inline void shrink_tokens(int J, const T* const* x, int64_t K, const T* a, int64_t lda, int w, float* const* out) {
+  const bool full = w == kColsShrink;
+  switch (J * 2 + full) {
+    case 9: shrink_block<4, true>(x, K, a, lda, w, out); break;
+    case 8: shrink_block<4, false>(x, K, a, lda, w, out); break;
+    case 7: shrink_block<3, true>(x, K, a, lda, w, out); break;
+    case 6: shrink_block<3, false>(x, K, a, lda, w, out); break;
+    case 5: shrink_block<2, true>(x, K, a, lda, w, out); break;
+    case 4: shrink_block<2, false>(x, K, a, lda, w, out); break;
+    case 3: shrink_block<1, true>(x, K, a, lda, w, out); break;
+    default: shrink_block<1, false>(x, K, a, lda, w, out); break;
+  }
+}
+
+template <typename T>
+inline void expand_tokens(int J, const float* const* v, int64_t rank, const T* b, int64_t ldb, int w, T* const* y) {
+  const bool full = w == kColsExpand;
+  switch (J * 2 + full) {
+    case 9: expand_block<4, true>(v, rank, b, ldb, w, y); break;
+    case 8: expand_block<4, false>(v, rank, b, ldb, w, y); break;
+    case 7: expand_block<3, true>(v, rank, b, ldb, w, y); break;
+    case 6: expand_block<3, false>(v, rank, b, ldb, w, y); break;
+    case 5: expand_block<2, true>(v, rank, b, ldb, w, y); break;
+    case 4: expand_block<2, false>(v, rank, b, ldb, w, y); break;
+    case 3: expand_block<1, true>(v, rank, b, ldb, w, y); break;
+    default: expand_block<1, false>(v, rank, b, ldb, w, y); break;
+  }
+}
 
 template <typename T>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vector<at::Tensor>& bs,
@@ -36,7 +112,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
   T* yp = y.data_ptr<T>();
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
 
-  // The expand's tiles: column chunks of every slice, each over every slot.
+  // The expand's tasks: column chunks of every slice, each for one slot.
   std::vector<int64_t> chunk_slice, chunk_c0, chunk_c1, offsets(n), b_slot_stride(n), b_rank_stride(n);
   std::vector<const T*> b_data(n);  // each B is [S, out_i, R] with out_i unit-stride
   int64_t offset = 0;
@@ -53,7 +129,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
     }
     offset += width;
   }
-  const int64_t tiles = static_cast<int64_t>(chunk_slice.size()) * G;
+  const int64_t chunks = static_cast<int64_t>(chunk_slice.size()), tasks = chunks * G;
   std::vector<float> v(TL * nR);
   float* vp = v.data();
 
@@ -63,20 +139,22 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     // Shrink, one slot per task: v[token, all slices] = x[token] @ A[slot], with every slice's A
-    // columns side by side (the k-major layout), so the innermost loop is one contiguous nR row.
+    // columns side by side (the k-major layout), so one pass over A serves every slice.
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t s = slots[g], start = starts[g], cnt = counts[g], rank = ranks[g];
       float* vg = vp + start * nR;
-      std::fill(vg, vg + cnt * nR, 0.f);
       const T* as = ap + s * K * nR;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* arow = as + k * nR;
-        for (int64_t j = 0; j < cnt; ++j) {
-          const float xv = static_cast<float>(xp[ids[start + j] * ldx + k]);
-          float* vr = vg + j * nR;
-#pragma omp simd
-          for (int64_t c = 0; c < nR; ++c) vr[c] += xv * static_cast<float>(arow[c]);
+      for (int64_t j0 = 0; j0 < cnt; j0 += kTokens) {
+        const int J = static_cast<int>(std::min<int64_t>(kTokens, cnt - j0));
+        const T* rows[kTokens];
+        float* outs[kTokens];
+        for (int64_t c0 = 0; c0 < nR; c0 += kColsShrink) {
+          for (int j = 0; j < J; ++j) {
+            rows[j] = xp + ids[start + j0 + j] * ldx;
+            outs[j] = vg + (j0 + j) * nR + c0;
+          }
+          shrink_tokens<T>(J, rows, K, as + c0, nR, static_cast<int>(std::min<int64_t>(kColsShrink, nR - c0)), outs);
         }
       }
       // A past a slot's real rank may hold anything: zero what it produced, the expand skips it.
@@ -92,31 +170,28 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
     }
     // (the implicit barrier of the loop above: every v row is complete)
 
-    // Expand, one (column chunk of a slice, slot) tile per task: the delta is summed in fp32 and
-    // rounded once into y, as the reference does.
-    float acc[kMaxCount * kChunk];
+    // Expand, one (slot, column chunk of a slice) per task, slot-major: a thread writes the rows of
+    // the slots it shrank, which (the engine sorting each batch by slot) are about the half of y
+    // that the same thread reads in the next elementwise op. Column-major order had every thread
+    // write every row, and the next op then pulled half of y from the other core's cache.
 #pragma omp for schedule(static)
-    for (int64_t w = 0; w < tiles; ++w) {
-      const int64_t ch = w / G, g = w % G;
-      const int64_t i = chunk_slice[ch], c0 = chunk_c0[ch], width = chunk_c1[ch] - c0;
+    for (int64_t w = 0; w < tasks; ++w) {
+      const int64_t g = w / chunks, ch = w % chunks;
+      const int64_t i = chunk_slice[ch], c0 = chunk_c0[ch], c1 = chunk_c1[ch];
       const int64_t s = slots[g], start = starts[g], cnt = counts[g], rank = ranks[g];
-      const T* bs_c0 = b_data[i] + s * b_slot_stride[i] + c0;
-      const int64_t ldb = b_rank_stride[i];
-      std::fill(acc, acc + cnt * width, 0.f);
-      for (int64_t r = 0; r < rank; ++r) {
-        const T* brow = bs_c0 + r * ldb;
-        for (int64_t j = 0; j < cnt; ++j) {
-          const float vv = vp[(start + j) * nR + i * R + r];
-          float* ar = acc + j * width;
-#pragma omp simd
-          for (int64_t c = 0; c < width; ++c) ar[c] += vv * static_cast<float>(brow[c]);
+      const T* b = b_data[i] + s * b_slot_stride[i];
+      for (int64_t j0 = 0; j0 < cnt; j0 += kTokens) {
+        const int J = static_cast<int>(std::min<int64_t>(kTokens, cnt - j0));
+        const float* vrows[kTokens];
+        T* yrows[kTokens];
+        for (int64_t c = c0; c < c1; c += kColsExpand) {
+          for (int j = 0; j < J; ++j) {
+            vrows[j] = vp + (start + j0 + j) * nR + i * R;
+            yrows[j] = yp + ids[start + j0 + j] * ldy + offsets[i] + c;
+          }
+          expand_tokens<T>(J, vrows, rank, b + c, b_rank_stride[i],
+                           static_cast<int>(std::min<int64_t>(kColsExpand, c1 - c)), yrows);
         }
-      }
-      for (int64_t j = 0; j < cnt; ++j) {
-        T* yr = yp + ids[start + j] * ldy + offsets[i] + c0;
-        const float* ar = acc + j * width;
-        for (int64_t c = 0; c < width; ++c)
-          yr[c] = static_cast<T>(static_cast<float>(yr[c]) + static_cast<float>(static_cast<T>(ar[c])));
       }
     }
   }
