@@ -8,7 +8,7 @@ fp32, torch.set_num_threads(2). Workload: 16 requests over 8 rank-16 adapters on
 generate(adapter_names=...) on the whole batch, (b) the engine on the same mixed-adapter batch,
 (c) the engine on the same prompts with the base model, (d) (b) again under a KV budget too small
 for the batch, to show preemption keeps outputs identical and the budget holds, (e) (b) with the
-compiled CPU LoRA decode kernel off (the torch ops), interleaved with (b) and (c).
+compiled CPU LoRA kernel off (the torch ops), interleaved with (b) and (c).
 The model and adapters are built by a child process, so this process's peak RSS is the engine's
 until the HF model is loaded for (a), which runs last.
 """
@@ -35,7 +35,7 @@ from data_plane.engine.engine import Engine
 from data_plane.engine.kv_cache import block_bytes
 from data_plane.engine.request import SamplingParams
 from data_plane.models.onednn_linear import OneDnnLinear
-from kernels import cpu_decode
+from kernels import cpu_kernel
 from loraplane.adapter_format import normalize_peft_dir
 from loraplane.model_spec import ModelSpec
 
@@ -117,16 +117,16 @@ def run_engine(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]
 
 
 def run_torch_ops(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]]]:
-    """The mixed run with the CPU LoRA decode kernel off: the torch ops it replaces, for the A/B."""
-    before = os.environ.get(cpu_decode.ENV)
-    os.environ[cpu_decode.ENV] = "off"
+    """The mixed run with the CPU LoRA kernel off: the torch ops it replaces, for the A/B."""
+    before = os.environ.get(cpu_kernel.ENV)
+    os.environ[cpu_kernel.ENV] = "off"
     try:
         return run_engine(engine, prompts, adapters)
     finally:
         if before is None:
-            del os.environ[cpu_decode.ENV]
+            del os.environ[cpu_kernel.ENV]
         else:
-            os.environ[cpu_decode.ENV] = before
+            os.environ[cpu_kernel.ENV] = before
 
 
 def best(runs: list[tuple[Timed, list[list[int]]]]) -> tuple[float, float, list[list[int]]]:
@@ -152,7 +152,7 @@ def kv_line(engine: Engine, budget: int) -> str:
 
 
 def _kernel_state() -> str:
-    module = cpu_decode.extension()
+    module = cpu_kernel.extension()
     return f"built ({cpu_isa()})" if module is not None else "unavailable, (b) ran the torch ops too"
 
 
@@ -219,7 +219,7 @@ def main() -> None:
             ("(b) engine, mixed adapters (8 adapters x 2 requests)", mixed),
             ("(c) engine, base model only", base),
             ("(d) engine, mixed adapters, KV budget 12 MiB (preempts)", tight),
-            (f"(e) engine, mixed adapters, torch LoRA ops ({cpu_decode.ENV}=off)", torch_ops)]
+            (f"(e) engine, mixed adapters, torch LoRA ops ({cpu_kernel.ENV}=off)", torch_ops)]
     command = " ".join(["python", "-m", "bench.engine_cpu", *sys.argv[1:]])
     lines = [
         "# Engine CPU benchmark", "",
@@ -239,7 +239,7 @@ def main() -> None:
         f"per interleaved pair (wall): {pair_ratios(mixed_runs, base_runs)}",
         f"- greedy tokens equal to HF+PEFT: {sum(a == b for a, b in zip(hf[2], mixed[2], strict=True))}"
         f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}; (e) equal to (b): {torch_ops[2] == mixed[2]}",
-        f"- CPU LoRA decode kernel: {_kernel_state()}; (b) vs (e): {torch_ops[0] / mixed[0]:.2f}x (wall), "
+        f"- CPU LoRA kernel: {_kernel_state()}; (b) vs (e): {torch_ops[0] / mixed[0]:.2f}x (wall), "
         f"per interleaved pair {pair_ratios(mixed_runs, torch_runs)}",
         f"- KV, runs (b)/(c): {kv_main}",
         f"- KV, run (d): {kv_tight}",

@@ -1,9 +1,8 @@
 """Multi-LoRA on CPU (and any device without Triton): a few large torch calls per layer, in place where it can.
 
-Decode-shaped slots (a few tokens each) in the buffers LoraSlots allocates go to the compiled
-kernel (kernels/cpu_decode.py) when it is built: one call per projection. A step that carries a
-prompt next to running decodes is split (`split`): the prompt's slots take the torch path below,
-the decodes the kernel. The torch path also serves hosts that cannot build the kernel.
+Batches in the buffers LoraSlots allocates go to the compiled kernel (kernels/cpu_kernel.py) when
+it is built: one call per projection. What follows is the torch path, for hosts that cannot build
+the kernel and operands in other layouts.
 
 The reference (kernels/reference.py) loops over (slot, slice) pairs with ~20 small ops each, which at
 8 adapters cost more than the base model. This path chooses once per batch (cached on the metadata,
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_decode
+from kernels import cpu_kernel
 from kernels.metadata import LoraBatchMeta
 
 # Padding waste above this (padded rows / real LoRA rows) means skewed groups (long prefill next to
@@ -92,27 +91,6 @@ def plan(meta: LoraBatchMeta) -> Plan:
     return result
 
 
-def split(meta: LoraBatchMeta) -> tuple[LoraBatchMeta | None, LoraBatchMeta | None]:
-    """(the slots for the compiled decode kernel, the slots for the torch layouts), either None when
-    empty; decided once per batch. Without the kernel everything is the torch layouts'."""
-    cached = meta.__dict__.get("_cpu_split")
-    if cached is not None:
-        return cached
-    # 0 when the kernel is off or cannot be built; the torch ops on CUDA (LORAPLANE_LORA_BACKEND=torch)
-    # must not build a CPU kernel.
-    limit = cpu_decode.max_count() if meta.token_slots.device.type == "cpu" else 0
-    small = [i for i, count in enumerate(meta.slot_counts_list) if count <= limit]
-    if len(small) == len(meta.slot_counts_list):
-        result = (meta, None)
-    elif not small:
-        result = (None, meta)
-    else:
-        large = [i for i, count in enumerate(meta.slot_counts_list) if count > limit]
-        result = (meta.subset(small), meta.subset(large))
-    object.__setattr__(meta, "_cpu_split", result)
-    return result
-
-
 def kmajor(a_stacks: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """[S, in, n * R] over the n A slices when they are column blocks of one such buffer, else None."""
     a0 = a_stacks[0]
@@ -137,12 +115,9 @@ def add_lora_cpu(
     a_kmajor: torch.Tensor | None = None,  # [S, in, n * R]: the same A, input dimension first
 ) -> None:
     a_t = a_kmajor if a_kmajor is not None else kmajor(a_stacks)
-    kernel_part, torch_part = split(meta)
-    if kernel_part is not None and cpu_decode.usable(y, x, a_t, b_stacks, kernel_part):
-        cpu_decode.lora_decode(y, x, a_t, b_stacks, kernel_part, scale)
-        if torch_part is None:
-            return
-        meta = torch_part
+    if cpu_kernel.usable(y, x, a_t, b_stacks, meta):
+        cpu_kernel.add_lora(y, x, a_t, b_stacks, meta, scale)
+        return
     p = plan(meta)
     (_grouped if p.grouped else _segments)(y, x, a_stacks, b_stacks, a_t, meta, p, scale)
 

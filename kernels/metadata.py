@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,23 +33,6 @@ class LoraBatchMeta:
         (sorted_token_ids, active_slots, slot_starts, slot_counts, slot_ranks, max_count)."""
         return (self.sorted_token_ids, self.active_slots, self.slot_starts, self.slot_counts,
                 self.slot_ranks, self.max_count)
-
-    def subset(self, keep: Sequence[int]) -> LoraBatchMeta:
-        """The same batch with only the active slots at positions `keep` (ascending) of active_slots;
-        the other slots' tokens read as base-model tokens."""
-        counts = [self.slot_counts_list[i] for i in keep]
-        starts = [sum(counts[:j]) for j in range(len(counts))]
-        ids = torch.cat([self.sorted_token_ids[self.slot_starts_list[i]:self.slot_starts_list[i] + c]
-                         for i, c in zip(keep, counts, strict=True)])
-        token_slots = torch.full_like(self.token_slots, -1)
-        token_slots[ids] = self.token_slots[ids]
-        slots, ranks = [self.active_slots_list[i] for i in keep], [self.slot_ranks_list[i] for i in keep]
-        i32 = dict(dtype=torch.int32, device=self.token_slots.device)
-        return LoraBatchMeta(
-            token_slots=token_slots, sorted_token_ids=ids, active_slots=torch.tensor(slots, **i32),
-            slot_starts=torch.tensor(starts, **i32), slot_counts=torch.tensor(counts, **i32),
-            slot_ranks=torch.tensor(ranks, **i32), max_count=max(counts), active_slots_list=tuple(slots),
-            slot_starts_list=tuple(starts), slot_counts_list=tuple(counts), slot_ranks_list=tuple(ranks))
 
     @classmethod
     def from_kernel_args(cls, num_tokens: int, sorted_token_ids: torch.Tensor,

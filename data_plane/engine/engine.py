@@ -43,7 +43,7 @@ from data_plane.models.config import ModelArgs
 from data_plane.models.llama import PACKED_MODULES
 from data_plane.models.loader import load_model
 from data_plane.models.onednn_linear import use_onednn_linears
-from kernels import cpu_decode
+from kernels import cpu_kernel
 from loraplane.adapter_format import NormalizedAdapter
 from loraplane.errors import LoraplaneError, invalid_argument
 from loraplane.v1 import errors_pb2 as R
@@ -60,8 +60,8 @@ class Engine:
         self.loras: LoraSlots | None = None
         if config.max_loras:
             self.loras = LoraSlots(self.model, self.spec, PACKED_MODULES, config.max_loras, config.max_lora_rank)
-            if device.type == "cpu":  # built here, not in the first decode step (~30 s on first use per host)
-                cpu_decode.extension()
+            if device.type == "cpu":  # built here, not in the first step (~30 s on first use per host)
+                cpu_kernel.extension()
         use_onednn_linears(self.model, device, self.dtype)  # after LoRA wraps them: it swaps the wrapped bases too
         blocks = num_blocks(config, self.spec, self.dtype)
         self.kv = KVCache.allocate(self.spec, blocks, config.kv_block_size, self.dtype, device)

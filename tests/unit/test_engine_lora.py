@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_plane.engine.request import SamplingParams
-from kernels import cpu_decode
+from kernels import cpu_kernel
 from loraplane.errors import LoraplaneError
 from loraplane.v1 import errors_pb2 as R
 from tests.unit.engine_helpers import (  # noqa: F401 - artifacts is a fixture
@@ -59,9 +59,9 @@ def llama_adapters(artifacts):  # noqa: F811
     }
 
 
-@pytest.mark.parametrize("cpu_kernel", ["on", "off"])  # the compiled decode kernel, and the torch ops
-def test_mixed_ranks_modules_and_base_requests_match_hf(llama_adapters, cpu_kernel, monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, cpu_kernel)
+@pytest.mark.parametrize("kernel_mode", ["on", "off"])  # the compiled CPU kernel, and the torch ops
+def test_mixed_ranks_modules_and_base_requests_match_hf(llama_adapters, kernel_mode, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV, kernel_mode)
     model, adapters = llama_adapters
     engine = make_engine(model, adapters)
     names = ["r1", None, "r8", "r64", "rslora", None, "layer1", "r64", "r1"]

@@ -1,5 +1,5 @@
-"""The CPU paths against the reference: the compiled decode kernel (kernels/cpu_decode.py) and the
-torch layouts (kernels/cpu_lora.py), and when each is chosen."""
+"""The CPU paths against the reference: the compiled kernel (kernels/cpu_kernel.py) and the torch
+layouts (kernels/cpu_lora.py), and when each is chosen."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from kernels import cpu_decode
-from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan, split
+from kernels import cpu_kernel
+from kernels.cpu_lora import MAX_TOKENS_PER_SLOT, add_lora_cpu, kmajor, plan
 from kernels.metadata import LoraBatchMeta
 from kernels.ops import add_lora
 from kernels.reference import expand_ref, shrink_ref
@@ -84,7 +84,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("adjacent", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_layout_matches_reference(layout, ranks, adjacent, dtype, monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, "off")  # the torch layouts themselves; the kernel has its own tests
+    monkeypatch.setenv(cpu_kernel.ENV, "off")  # the torch layouts themselves; the kernel has its own tests
     slots = LAYOUTS[layout]
     x, y, a, b, meta = make(slots, ranks=ranks, padding=float("nan"), dtype=dtype)
     p = plan(meta)
@@ -107,7 +107,7 @@ def test_each_layout_matches_reference(layout, ranks, adjacent, dtype, monkeypat
 
 @pytest.mark.parametrize("layout", ["grouped view", "grouped gather", "segments in place", "segments gather"])
 def test_scale(layout, monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, "off")
+    monkeypatch.setenv(cpu_kernel.ENV, "off")
     x, y, a, b, meta = make(LAYOUTS[layout])
     scale = torch.tensor([0.5, 2.0, -1.0, 1, 3, 1])
     got = y.clone()
@@ -126,29 +126,31 @@ def test_layout_choice_is_made_once_per_batch():
     assert not plan(sparse).grouped
 
 
-# The compiled decode kernel. CI builds it (g++ and ninja are there), so these require it: `on`.
-DECODE_BATCHES = {
+# The compiled kernel. CI builds it (g++ and ninja are there), so these require it: `on`.
+BATCHES = {
     "one per slot": [0, 1, 2, 3, 4, 5],
     "in slot order": [0, 0, 1, 1, 2, 2],
     "out of order with base tokens": [3, -1, 3, 0, -1, 5, 0, 3],
     "holes": [0, 0, 2, 2, -1],
     "single token": [4],
-    "a full slot": [1] * 32 + [2, -1, 0],
     "skewed": [0] * 20 + [1, 2, 3, 4, 5],
+    "a prompt beside decodes": [-1, -1] + [0] * 40 + [1, 1, 2, 4],  # the engine's order
+    "two prompts, interleaved": [3, 0] * 40 + [5, -1, 1],
+    "one adapter's prompt": [2] * 70,  # one slot: the work still splits across threads
 }
 
 
 @pytest.fixture
 def kernel_on(monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, "on")
+    monkeypatch.setenv(cpu_kernel.ENV, "on")
 
 
-@pytest.mark.parametrize("batch", DECODE_BATCHES)
-@pytest.mark.parametrize("widths", [(48, 16, 16), (32,), (300,), (136, 200)])  # 300, 136: past a 128-column tile
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("widths", [(48, 16, 16), (32,), (300,), (136, 200)])  # 300, 136: past a 128-column chunk
 @pytest.mark.parametrize("ranks", [None, [3, 16, 5, 16, 1, 2]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_decode_kernel_matches_reference(kernel_on, batch, widths, ranks, dtype):
-    slots = DECODE_BATCHES[batch]
+def test_kernel_matches_reference(kernel_on, batch, widths, ranks, dtype):
+    slots = BATCHES[batch]
     x, y, a, b, meta = make(slots, widths, ranks=ranks, padding=float("nan"), dtype=dtype)
     a_t, a = kmajor_stacks(a)
     b = transposed_b(b)
@@ -158,14 +160,14 @@ def test_decode_kernel_matches_reference(kernel_on, batch, widths, ranks, dtype)
                 t[s, :, r:] = float("nan")
     expected = reference(x, y, a, b, meta).float()
     got = y.clone()
-    cpu_decode.lora_decode(got, x, a_t, b, meta)
+    cpu_kernel.add_lora(got, x, a_t, b, meta)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(got.float(), expected, **tol)
     base_rows = [i for i, s in enumerate(slots) if s < 0]
     assert torch.equal(got[base_rows], y[base_rows])
 
 
-def test_decode_kernel_scale_and_strided_rows(kernel_on):
+def test_kernel_scale_and_strided_rows(kernel_on):
     x, y, a, b, meta = make([3, 0, 0, 5, -1, 3], widths=(40, 24))
     a_t, a = kmajor_stacks(a)
     b = transposed_b(b)
@@ -173,92 +175,58 @@ def test_decode_kernel_scale_and_strided_rows(kernel_on):
     wide_x = torch.cat([x, torch.randn_like(x)], dim=1)[:, :x.shape[1]]  # rows strided, as slices of qkv are
     wide_y = torch.cat([y, y], dim=1)
     got = wide_y[:, :y.shape[1]]
-    cpu_decode.lora_decode(got, wide_x, a_t, b, meta, scale)
+    cpu_kernel.add_lora(got, wide_x, a_t, b, meta, scale)
     torch.testing.assert_close(got, reference(x, y, a, b, meta, scale.float()), rtol=1e-5, atol=1e-4)
     assert torch.equal(wide_y[:, y.shape[1]:], y)  # columns outside y's view untouched
 
 
-def test_add_lora_sends_decode_slots_to_the_kernel_and_prompt_slots_to_torch(kernel_on):
-    x, y, a, b, decode = make([0, 0, 1, 1, 2, 2])
-    a_t, a = kmajor_stacks(a)
-    b = transposed_b(b)
-    assert split(decode) == (decode, None)
-    add_lora_cpu(y.clone(), x, a, b, decode, a_kmajor=a_t)
-    assert "_cpu_plan" not in decode.__dict__  # the torch layouts were never planned
-    _, _, _, _, prompt = make([0] * (cpu_decode.max_count() + 1))
-    assert split(prompt) == (None, prompt)
+def test_add_lora_takes_the_kernel_when_the_operands_allow(kernel_on):
+    for slots in ([0, 0, 1, 1, 2, 2], [0] * 40 + [1, 2]):  # a decode step, a prompt beside decodes
+        x, y, a, b, meta = make(slots)
+        a_t, a = kmajor_stacks(a)
+        add_lora_cpu(y, x, a, transposed_b(b), meta, a_kmajor=a_t)
+        assert "_cpu_plan" not in meta.__dict__  # the torch layouts were never planned
     _, _, a_loose, b_loose, loose = make([0, 1])  # A not in one k-major buffer: the kernel cannot read it
     add_lora_cpu(torch.zeros(2, y.shape[1]), torch.randn(2, x.shape[1]), a_loose, b_loose, loose)
     assert "_cpu_plan" in loose.__dict__
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ranks", [None, [3, 16, 5, 16, 1, 2]])
-@pytest.mark.parametrize("slots", [
-    [-1, -1] + [0] * 40 + [1, 1, 2, 4],  # a prompt of slot 0 beside decodes, in the engine's order
-    [3, 0] * 40 + [5, -1, 1],            # two long runs, out of order
-])
-def test_a_step_with_a_prompt_and_decodes_splits_and_matches_reference(kernel_on, slots, ranks, dtype):
-    x, y, a, b, meta = make(slots, ranks=ranks, padding=float("nan"), dtype=dtype)
-    a_t, a = kmajor_stacks(a)
-    b = transposed_b(b)
-    kernel_part, torch_part = split(meta)
-    assert set(kernel_part.active_slots_list) | set(torch_part.active_slots_list) == set(meta.active_slots_list)
-    assert max(kernel_part.slot_counts_list) <= cpu_decode.max_count() < min(torch_part.slot_counts_list)
-    got = y.clone()
-    add_lora_cpu(got, x, a, b, meta, a_kmajor=a_t)
-    assert "_cpu_plan" in torch_part.__dict__ and "_cpu_plan" not in kernel_part.__dict__
-    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(got.float(), reference(x, y, a, b, meta).float(), **tol)
-    base_rows = [i for i, s in enumerate(slots) if s < 0]
-    assert torch.equal(got[base_rows], y[base_rows])
-
-
-def test_subset_keeps_the_chosen_slots_runs():
-    _, _, _, _, meta = make([2, 0, 2, -1, 5, 0, 2], ranks=[4, 16, 8, 16, 16, 1])
-    part = meta.subset([0, 2])  # slots 0 and 5
-    assert part.active_slots_list == (0, 5) and part.slot_counts_list == (2, 1) and part.slot_starts_list == (0, 2)
-    assert part.slot_ranks_list == (4, 1) and part.max_count == 2
-    assert part.sorted_token_ids.tolist() == [1, 5, 4]
-    assert part.token_slots.tolist() == [-1, 0, -1, -1, 5, 0, -1]
-
-
-def test_decode_kernel_checks_its_operands(kernel_on):
+def test_kernel_checks_its_operands(kernel_on):
     x, y, a, b, meta = make([0, 1, 1])
     a_t, a = kmajor_stacks(a)
     b = transposed_b(b)
     with pytest.raises(RuntimeError, match="width"):
-        cpu_decode.lora_decode(y[:, :-1], x, a_t, b, meta)
+        cpu_kernel.add_lora(y[:, :-1], x, a_t, b, meta)
     with pytest.raises(RuntimeError, match="token id out of range"):
-        cpu_decode.lora_decode(y[:2], x[:2], a_t, b, meta)
+        cpu_kernel.add_lora(y[:2], x[:2], a_t, b, meta)
     with pytest.raises(RuntimeError, match="dtype"):
-        cpu_decode.lora_decode(y.double(), x.double(), a_t, b, meta)
+        cpu_kernel.add_lora(y.double(), x.double(), a_t, b, meta)
 
 
 def test_kernel_modes(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv(cpu_decode.ENV, "sometimes")
+    monkeypatch.setenv(cpu_kernel.ENV, "sometimes")
     with pytest.raises(ValueError, match="auto, on, off"):
-        cpu_decode.extension()
-    monkeypatch.setenv(cpu_decode.ENV, "off")
+        cpu_kernel.extension()
+    monkeypatch.setenv(cpu_kernel.ENV, "off")
     x, y, a, b, meta = make([0, 1])
     a_t, _ = kmajor_stacks(a)
-    assert cpu_decode.extension() is None and not cpu_decode.usable(y, x, a_t, transposed_b(b), meta)
+    assert cpu_kernel.extension() is None and not cpu_kernel.usable(y, x, a_t, transposed_b(b), meta)
     # A host that cannot build it: auto warns once and keeps the torch path, on refuses.
-    monkeypatch.setattr(cpu_decode, "_BUILD", cpu_decode._Build())
+    monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv(cpu_decode.ENV, "auto")
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_decode"):
-        assert cpu_decode.extension() is None
-        assert cpu_decode.extension() is None
-    ours = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_decode"]
-    assert len(ours) == 1 and ours[0].startswith("CPU LoRA decode kernel unavailable")
+    monkeypatch.setenv(cpu_kernel.ENV, "auto")
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_kernel"):
+        assert cpu_kernel.extension() is None
+        assert cpu_kernel.extension() is None
+    ours = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_kernel"]
+    assert len(ours) == 1 and ours[0].startswith("CPU LoRA kernel unavailable")
     x, y, a, b, meta = make([0, 1])  # a new batch: the kernel is chosen once per batch
     a_t, a = kmajor_stacks(a)
-    assert not cpu_decode.usable(y, x, a_t, transposed_b(b), meta)
+    assert not cpu_kernel.usable(y, x, a_t, transposed_b(b), meta)
     got = y.clone()
     add_lora(got, x, a, transposed_b(b), meta, a_kmajor=a_t)
     torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
-    monkeypatch.setenv(cpu_decode.ENV, "on")
+    monkeypatch.setenv(cpu_kernel.ENV, "on")
     with pytest.raises(RuntimeError, match="cannot be built"):
-        cpu_decode.extension()
+        cpu_kernel.extension()

@@ -1,8 +1,8 @@
-"""The compiled CPU multi-LoRA kernel for decode batches (kernels/csrc/lora_decode.cpp): build, load, launch.
+"""The compiled CPU multi-LoRA kernel (kernels/csrc/lora_cpu.cpp): build, load, launch.
 
 The torch path (kernels/cpu_lora.py) spends a decode step's LoRA time on dispatching ~10 small ops
-per projection, not on LoRA bytes; this kernel does a projection's shrink and expand in one call.
-It is built on first use by torch's extension builder (needs g++ and ninja) into
+per projection, not on LoRA bytes, and a prompt's on rank-16 matmuls that run far below the
+GEMM's rate; this kernel does a projection's shrink and expand in one call. It is built on first use by torch's extension builder (needs g++ and ninja) into
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), once per instruction set: later processes
 load the cached library. The reference it is tested against is kernels/reference.py.
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 ENV = "LORAPLANE_CPU_KERNEL"
 MODES = ("auto", "on", "off")
-SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
 # The loops are written for the compiler to vectorise; the flags follow the ISA torch itself
 # dispatches to, never -march=native, so a cached build cannot carry instructions another host lacks.
 ISA_FLAGS = {
@@ -54,12 +54,12 @@ class _Build:
         isa = torch.backends.cpu.get_cpu_capability()
         started = time.perf_counter()
         try:
-            self.module = load(f"loraplane_lora_decode_{isa.lower()}", [str(SOURCE)],
+            self.module = load(f"loraplane_lora_cpu_{isa.lower()}", [str(SOURCE)],
                                extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])])
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
             self.error = f"{type(e).__name__}: {e}"
             return None
-        log.info("CPU LoRA decode kernel ready (%s) in %.1f s", isa, time.perf_counter() - started)
+        log.info("CPU LoRA kernel ready (%s) in %.1f s", isa, time.perf_counter() - started)
         return self.module
 
 
@@ -84,42 +84,36 @@ def extension() -> ModuleType | None:
         if choice == "on":
             raise RuntimeError(f"{ENV}=on but the CPU LoRA kernel cannot be built: {_BUILD.error}")
         if first:
-            log.warning("CPU LoRA decode kernel unavailable, using torch ops (slower decode): %s",
+            log.warning("CPU LoRA kernel unavailable, using torch ops (slower): %s",
                         _BUILD.error)
     return module
 
 
-def max_count() -> int:
-    module = extension()
-    return int(module.MAX_COUNT) if module is not None else 0
-
-
 def for_batch(meta: LoraBatchMeta) -> ModuleType | None:
-    """The kernel when it takes this batch's shape, else None: decided once per batch (the metadata
-    is immutable and shared by every layer), which spares each of a step's calls the lookups."""
+    """extension(), looked up once per batch (the metadata is immutable and shared by every layer):
+    it spares each of a step's calls the environment and build lookups."""
     cached = meta.__dict__.get("_cpu_kernel", False)
-    if cached is not False:
-        return cached
-    module = extension() if 0 < meta.max_count <= max_count() else None
-    object.__setattr__(meta, "_cpu_kernel", module)
-    return module
+    if cached is False:
+        cached = extension() if meta.token_slots.device.type == "cpu" else None
+        object.__setattr__(meta, "_cpu_kernel", cached)
+    return cached
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, a_kmajor: torch.Tensor | None,
            b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta) -> bool:
-    """Whether lora_decode takes these operands (layouts LoraSlots allocates on CPU) and the kernel exists."""
-    return (a_kmajor is not None and for_batch(meta) is not None and y.dtype in DTYPES
+    """Whether add_lora takes these operands (layouts LoraSlots allocates on CPU) and the kernel exists."""
+    return (a_kmajor is not None and meta.max_count > 0 and for_batch(meta) is not None and y.dtype in DTYPES
             and x.dtype == y.dtype == a_kmajor.dtype and x.stride(1) == 1 and y.stride(1) == 1
             and y.device.type == "cpu" and a_kmajor.is_contiguous()
             and all(b.stride(1) == 1 and b.dtype == y.dtype for b in b_stacks))
 
 
-def lora_decode(
+def add_lora(
     y: torch.Tensor,                       # [T, sum(out_i)], updated in place
     x: torch.Tensor,                       # [T, in]
     a_kmajor: torch.Tensor,                # [S, in, n * R] contiguous: slot s's slice i is [:, i * R:(i + 1) * R]
     b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R] with out_i unit-stride
-    meta: LoraBatchMeta,                   # at most max_count() tokens per slot
+    meta: LoraBatchMeta,
     scale: torch.Tensor | None = None,     # [S] per-slot scale, None = 1
 ) -> None:
     """y[t, slice i] += scale[slot] * (x[t] @ A_i[slot]^T) @ B_i[slot]^T for every token of a slot >= 0.
@@ -129,9 +123,8 @@ def lora_decode(
     """
     module = for_batch(meta)
     if module is None:
-        raise RuntimeError(f"the CPU LoRA decode kernel is unavailable (see {ENV}) or the batch has over "
-                           f"{max_count()} tokens in one slot")
+        raise RuntimeError(f"the CPU LoRA kernel is unavailable (see {ENV})")
     if scale is not None:
         scale = scale.to(torch.float32).contiguous()
-    module.lora_decode(y, x, a_kmajor, list(b_stacks), meta.sorted_token_ids, meta.active_slots,
-                       meta.slot_starts, meta.slot_counts, meta.slot_ranks, scale)
+    module.add_lora(y, x, a_kmajor, list(b_stacks), meta.sorted_token_ids, meta.active_slots,
+                    meta.slot_starts, meta.slot_counts, meta.slot_ranks, scale)

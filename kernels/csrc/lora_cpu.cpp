@@ -1,10 +1,10 @@
-// Multi-LoRA for batches with few tokens per slot (decode), on CPU, in one call per projection.
+// Multi-LoRA on CPU, in one call per projection, for decode and prompt batches alike.
 //
 // y[t, slice i] += scale[s] * (x[t] @ A_i[s]^T) @ B_i[s]^T for every LoRA token t of slot s.
 // The torch path needs ~10 small ops per projection for this, each a dispatch and a pass over a
 // cache the base GEMM just flushed; here the shrink reads each slot's A once for all of the slot's
 // tokens, the expand reads each B row once, and both run on torch's own thread pool.
-// Launched by kernels/cpu_decode.py, which holds the shapes and the contract; checked against
+// Launched by kernels/cpu_kernel.py, which holds the shapes and the contract; checked against
 // kernels/reference.py.
 
 #include <torch/extension.h>
@@ -15,16 +15,16 @@
 
 namespace {
 
-// The decode layout caps tokens per slot (kernels/cpu_lora.py splits larger slots off to the torch
-// ops). Both phases work on blocks of kTokens tokens x kCols* columns whose fp32 accumulators stay
-// in vector registers (8 of 32 AVX-512 registers, 16 of 16 AVX2 ones), so each A or B element is
+// Both phases work on blocks of kTokens tokens x kCols* columns whose fp32 accumulators stay in
+// vector registers (8 of 32 AVX-512 registers, 16 of 16 AVX2 ones), so each A or B element is
 // loaded once per token block and no partial sum goes through memory.
-constexpr int64_t kMaxCount = 32;
 constexpr int kTokens = 4;
 constexpr int kColsShrink = 16;
 constexpr int kColsExpand = 32;
-// Expand tasks: column chunks of a slice, for one slot; enough of them to keep both threads busy
-// on a single-slot batch.
+// Shrink tasks: up to kTaskTokens tokens of one slot (a decode slot is one task, a prompt many).
+// Expand tasks: a column chunk of a slice, for one slot. Both keep every thread busy when the
+// batch has a single adapter.
+constexpr int64_t kTaskTokens = 32;
 constexpr int64_t kChunk = 128;
 
 // out[j][0:w] = sum_k x[j][k] * a[k * lda + 0:w] for J tokens; w = kColsShrink when Full.
@@ -130,6 +130,13 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
     offset += width;
   }
   const int64_t chunks = static_cast<int64_t>(chunk_slice.size()), tasks = chunks * G;
+  std::vector<int64_t> shrink_slot, shrink_j0;  // the shrink's tasks: (slot index, first token)
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < counts[g]; j += kTaskTokens) {
+      shrink_slot.push_back(g);
+      shrink_j0.push_back(j);
+    }
+  const int64_t shrink_tasks = static_cast<int64_t>(shrink_slot.size());
   std::vector<float> v(TL * nR);
   float* vp = v.data();
 
@@ -138,34 +145,36 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    // Shrink, one slot per task: v[token, all slices] = x[token] @ A[slot], with every slice's A
-    // columns side by side (the k-major layout), so one pass over A serves every slice.
+    // Shrink: v[token, all slices] = x[token] @ A[slot], with every slice's A columns side by side
+    // (the k-major layout), so one pass over A serves every slice.
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t s = slots[g], start = starts[g], cnt = counts[g], rank = ranks[g];
-      float* vg = vp + start * nR;
+    for (int64_t t = 0; t < shrink_tasks; ++t) {
+      const int64_t g = shrink_slot[t], s = slots[g], start = starts[g], rank = ranks[g];
+      const int64_t first = shrink_j0[t], last = std::min<int64_t>(counts[g], first + kTaskTokens);
       const T* as = ap + s * K * nR;
-      for (int64_t j0 = 0; j0 < cnt; j0 += kTokens) {
-        const int J = static_cast<int>(std::min<int64_t>(kTokens, cnt - j0));
+      for (int64_t j0 = first; j0 < last; j0 += kTokens) {
+        const int J = static_cast<int>(std::min<int64_t>(kTokens, last - j0));
         const T* rows[kTokens];
         float* outs[kTokens];
         for (int64_t c0 = 0; c0 < nR; c0 += kColsShrink) {
           for (int j = 0; j < J; ++j) {
             rows[j] = xp + ids[start + j0 + j] * ldx;
-            outs[j] = vg + (j0 + j) * nR + c0;
+            outs[j] = vp + (start + j0 + j) * nR + c0;
           }
           shrink_tokens<T>(J, rows, K, as + c0, nR, static_cast<int>(std::min<int64_t>(kColsShrink, nR - c0)), outs);
         }
       }
+      float* vt = vp + (start + first) * nR;
+      const int64_t cnt = last - first;
       // A past a slot's real rank may hold anything: zero what it produced, the expand skips it.
       if (rank < R) {
         for (int64_t j = 0; j < cnt; ++j)
           for (int64_t i = 0; i < n; ++i)
-            std::fill(vg + j * nR + i * R + rank, vg + j * nR + (i + 1) * R, 0.f);
+            std::fill(vt + j * nR + i * R + rank, vt + j * nR + (i + 1) * R, 0.f);
       }
       if (scale != nullptr) {
         const float f = scale[s];
-        for (int64_t e = 0; e < cnt * nR; ++e) vg[e] *= f;
+        for (int64_t e = 0; e < cnt * nR; ++e) vt[e] *= f;
       }
     }
     // (the implicit barrier of the loop above: every v row is complete)
@@ -200,54 +209,53 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
 void check(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vector<at::Tensor>& bs,
            const at::Tensor& ids, const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& counts,
            const at::Tensor& ranks, const c10::optional<at::Tensor>& scale) {
-  TORCH_CHECK(!bs.empty(), "lora_decode: no B slices");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 3, "lora_decode: x, y 2-D and A 3-D");
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && a.device().is_cpu(), "lora_decode: CPU tensors");
+  TORCH_CHECK(!bs.empty(), "add_lora: no B slices");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a.dim() == 3, "add_lora: x, y 2-D and A 3-D");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && a.device().is_cpu(), "add_lora: CPU tensors");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type(),
-              "lora_decode: x, y, A and B share one dtype");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.is_contiguous(), "lora_decode: unit-stride rows, A contiguous");
+              "add_lora: x, y, A and B share one dtype");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.is_contiguous(), "add_lora: unit-stride rows, A contiguous");
   const int64_t T = y.size(0), S = a.size(0), K = a.size(1), nR = a.size(2), n = static_cast<int64_t>(bs.size());
-  TORCH_CHECK(x.size(0) == T && x.size(1) == K && nR % n == 0, "lora_decode: x [T, K], A [S, K, n * R]");
+  TORCH_CHECK(x.size(0) == T && x.size(1) == K && nR % n == 0, "add_lora: x [T, K], A [S, K, n * R]");
   int64_t width = 0;
   for (const at::Tensor& b : bs) {
     TORCH_CHECK(b.dim() == 3 && b.size(0) == S && b.size(2) == nR / n && b.stride(1) == 1 &&
                     b.scalar_type() == y.scalar_type() && b.device().is_cpu(),
-                "lora_decode: each B is [S, out_i, R] with out_i unit-stride");
+                "add_lora: each B is [S, out_i, R] with out_i unit-stride");
     width += b.size(1);
   }
-  TORCH_CHECK(width == y.size(1), "lora_decode: y's width is the sum of the B slices'");
+  TORCH_CHECK(width == y.size(1), "add_lora: y's width is the sum of the B slices'");
   for (const at::Tensor* t : {&slots, &starts, &counts, &ranks})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu() &&
-                    t->numel() == slots.numel(), "lora_decode: slot tables are [A] int32 on CPU");
+                    t->numel() == slots.numel(), "add_lora: slot tables are [A] int32 on CPU");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device().is_cpu(),
-              "lora_decode: token ids int64 on CPU");
+              "add_lora: token ids int64 on CPU");
   const int64_t TL = ids.numel();
   const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < TL; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < T, "lora_decode: token id out of range");
+  for (int64_t t = 0; t < TL; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < T, "add_lora: token id out of range");
   for (int64_t g = 0; g < slots.numel(); ++g) {
     const int32_t s = slots.data_ptr<int32_t>()[g], st = starts.data_ptr<int32_t>()[g];
     const int32_t c = counts.data_ptr<int32_t>()[g], r = ranks.data_ptr<int32_t>()[g];
-    TORCH_CHECK(s >= 0 && s < S && st >= 0 && c >= 0 && c <= kMaxCount && st + c <= TL && r >= 0 && r <= nR / n,
-                "lora_decode: slot table entry out of range");
+    TORCH_CHECK(s >= 0 && s < S && st >= 0 && c >= 0 && st + c <= TL && r >= 0 && r <= nR / n,
+                "add_lora: slot table entry out of range");
   }
   if (scale.has_value())
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == S &&
-                    scale->device().is_cpu(), "lora_decode: scale is [S] float32 on CPU");
+                    scale->device().is_cpu(), "add_lora: scale is [S] float32 on CPU");
 }
 
 }  // namespace
 
-void lora_decode(at::Tensor y, at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, at::Tensor ids,
+void add_lora(at::Tensor y, at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, at::Tensor ids,
                  at::Tensor slots, at::Tensor starts, at::Tensor counts, at::Tensor ranks,
                  c10::optional<at::Tensor> scale) {
   check(y, x, a, bs, ids, slots, starts, counts, ranks, scale);
   const float* sp = scale.has_value() ? scale->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_decode", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "loraplane_add_lora", [&] {
     run<scalar_t>(y, x, a, bs, ids, slots, starts, counts, ranks, sp);
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_decode", &lora_decode, "Multi-LoRA shrink and expand for few tokens per slot, in place on y");
-  m.attr("MAX_COUNT") = kMaxCount;
+  m.def("add_lora", &add_lora, "Multi-LoRA shrink and expand, in place on y");
 }
