@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +39,10 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch's builder serialises builds with a lock file in the build directory and waits, without
+# limit, for it to go. A build killed midway (OOM, SIGKILL) leaves it behind, and every later start
+# would hang: a lock older than any build (~30 s) is taken as stale.
+STALE_LOCK_S = 600
 
 
 class _Build:
@@ -49,18 +55,39 @@ class _Build:
     def load(self) -> ModuleType | None:
         if self.module is not None or self.error is not None:
             return self.module
-        from torch.utils.cpp_extension import load  # noqa: PLC0415 - only CPU serving needs it
+        from torch.utils.cpp_extension import get_default_build_root, load  # noqa: PLC0415 - CPU serving only
 
         isa = torch.backends.cpu.get_cpu_capability()
+        name = build_name()
+        build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         started = time.perf_counter()
         try:
-            self.module = load(f"loraplane_lora_cpu_{isa.lower()}", [str(SOURCE)],
+            build_dir.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(build_dir / "lock")
+            self.module = load(name, [str(SOURCE)], build_directory=str(build_dir),
                                extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])])
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
             self.error = f"{type(e).__name__}: {e}"
             return None
         log.info("CPU LoRA kernel ready (%s) in %.1f s", isa, time.perf_counter() - started)
         return self.module
+
+
+def build_name() -> str:
+    """One build per ISA, Python and torch: a cached library never meets another ABI or CPU."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    version = f"{isa}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
+    return "loraplane_lora_cpu_" + re.sub(r"\W", "_", version).lower()
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing stale build lock %s (%.0f s old; a build was killed before it finished)", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 _BUILD = _Build()

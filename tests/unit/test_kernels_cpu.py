@@ -4,6 +4,8 @@ layouts (kernels/cpu_lora.py), and when each is chosen."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -230,3 +232,20 @@ def test_kernel_modes(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(cpu_kernel.ENV, "on")
     with pytest.raises(RuntimeError, match="cannot be built"):
         cpu_kernel.extension()
+
+
+def test_a_killed_builds_lock_does_not_hang_the_next_start(monkeypatch, tmp_path, caplog):
+    # torch waits for its build lock without limit: left by a killed build, it would hang every start.
+    monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # fail fast once past the lock
+    monkeypatch.setenv(cpu_kernel.ENV, "auto")
+    lock = tmp_path / cpu_kernel.build_name() / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - cpu_kernel.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_kernel"):
+        assert cpu_kernel.extension() is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_kernel"]
+    assert messages[0].startswith(f"removing stale build lock {lock}")
