@@ -12,9 +12,13 @@ and keeps the torch path; `off` never builds it; `on` raises when it cannot be b
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -39,12 +43,6 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# torch's builder serialises builds with a lock file in the build directory and waits, without
-# limit, for it to go. A build killed midway (OOM, SIGKILL) leaves it behind, and every later start
-# would hang: a lock older than any build (~30 s) is taken as stale.
-STALE_LOCK_S = 600
-
-
 class _Build:
     """The one build per process: its module, or the reason there is none (so it is tried once)."""
 
@@ -58,14 +56,26 @@ class _Build:
         from torch.utils.cpp_extension import get_default_build_root, load  # noqa: PLC0415 - CPU serving only
 
         isa = torch.backends.cpu.get_cpu_capability()
-        name = build_name()
+        flags = ["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])]
+        name = build_name(flags)
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         started = time.perf_counter()
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock(build_dir / "lock")
-            self.module = load(name, [str(SOURCE)], build_directory=str(build_dir),
-                               extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])])
+            with _exclusive(build_dir.with_name(name + ".lock")):
+                # torch's builder waits without limit for its own lock file to go, and a build killed
+                # midway (OOM, SIGKILL) leaves it behind. Under our lock, which dies with its holder,
+                # no other process builds here: a lock file found now is such a leftover.
+                leftover = build_dir / "lock"
+                if leftover.exists():
+                    log.warning("removing %s, left by a build that was killed", leftover)
+                    leftover.unlink(missing_ok=True)
+                # Built from a copy in the build directory: the build never depends on which checkout
+                # or installation the source came from, so they share it instead of rebuilding in turn.
+                source = build_dir / SOURCE.name
+                if not source.exists():
+                    shutil.copyfile(SOURCE, source)
+                self.module = load(name, [str(source)], build_directory=str(build_dir), extra_cflags=flags)
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
             self.error = f"{type(e).__name__}: {e}"
             return None
@@ -73,21 +83,28 @@ class _Build:
         return self.module
 
 
-def build_name() -> str:
-    """One build per ISA, Python and torch: a cached library never meets another ABI or CPU."""
+def build_name(flags: Sequence[str]) -> str:
+    """One build per ISA, Python, torch, source and flags: a cached library never meets another ABI,
+    CPU or kernel version."""
     isa = torch.backends.cpu.get_cpu_capability()
     version = f"{isa}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
-    return "loraplane_lora_cpu_" + re.sub(r"\W", "_", version).lower()
+    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(flags).encode()).hexdigest()[:12]
+    return f"loraplane_lora_cpu_{re.sub(r'[^0-9A-Za-z]', '_', version).lower()}_{digest}"
 
 
-def _clear_stale_lock(lock: Path) -> None:
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning("removing stale build lock %s (%.0f s old; a build was killed before it finished)", lock, age)
-        lock.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive flock on `path`: processes building at once take turns; a dead holder's is released."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the CPU LoRA kernel (%s)", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _BUILD = _Build()

@@ -8,6 +8,7 @@
 // kernels/reference.py.
 
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -230,15 +231,26 @@ void check(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const 
                     t->numel() == slots.numel(), "add_lora: slot tables are [A] int32 on CPU");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device().is_cpu(),
               "add_lora: token ids int64 on CPU");
+  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes, "add_lora: y has rows that overlap");
+  // Every token at most once, and the slots' runs tiling sorted_token_ids in order (as
+  // LoraBatchMeta.build makes them): otherwise two threads could write one row of y.
   const int64_t TL = ids.numel();
   const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < TL; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < T, "add_lora: token id out of range");
-  for (int64_t g = 0; g < slots.numel(); ++g) {
-    const int32_t s = slots.data_ptr<int32_t>()[g], st = starts.data_ptr<int32_t>()[g];
-    const int32_t c = counts.data_ptr<int32_t>()[g], r = ranks.data_ptr<int32_t>()[g];
-    TORCH_CHECK(s >= 0 && s < S && st >= 0 && c >= 0 && st + c <= TL && r >= 0 && r <= nR / n,
-                "add_lora: slot table entry out of range");
+  std::vector<char> seen(T, 0);
+  for (int64_t t = 0; t < TL; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < T, "add_lora: token id out of range");
+    TORCH_CHECK(!seen[id[t]], "add_lora: a token id repeats");
+    seen[id[t]] = 1;
   }
+  int64_t next = 0;
+  for (int64_t g = 0; g < slots.numel(); ++g) {
+    const int64_t s = slots.data_ptr<int32_t>()[g], st = starts.data_ptr<int32_t>()[g];
+    const int64_t c = counts.data_ptr<int32_t>()[g], r = ranks.data_ptr<int32_t>()[g];
+    TORCH_CHECK(s >= 0 && s < S && st == next && c >= 0 && r >= 0 && r <= nR / n,
+                "add_lora: slot table entry out of range, or the runs do not tile the token ids in order");
+    next += c;
+  }
+  TORCH_CHECK(next == TL, "add_lora: the slots' token counts do not add up to the token ids");
   if (scale.has_value())
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == S &&
                     scale->device().is_cpu(), "add_lora: scale is [S] float32 on CPU");
@@ -257,5 +269,8 @@ void add_lora(at::Tensor y, at::Tensor x, at::Tensor a, std::vector<at::Tensor> 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_lora", &add_lora, "Multi-LoRA shrink and expand, in place on y");
+  // No Python object is touched inside: the GIL goes, so the server's event loop keeps running
+  // while the engine thread is in the kernel.
+  m.def("add_lora", &add_lora, py::call_guard<py::gil_scoped_release>(),
+        "Multi-LoRA shrink and expand, in place on y");
 }

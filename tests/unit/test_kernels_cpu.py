@@ -4,8 +4,6 @@ layouts (kernels/cpu_lora.py), and when each is chosen."""
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 import pytest
 import torch
@@ -203,9 +201,37 @@ def test_kernel_checks_its_operands(kernel_on):
         cpu_kernel.add_lora(y[:2], x[:2], a_t, b, meta)
     with pytest.raises(RuntimeError, match="dtype"):
         cpu_kernel.add_lora(y.double(), x.double(), a_t, b, meta)
+    with pytest.raises(RuntimeError, match="overlap"):  # every row of y the same memory
+        cpu_kernel.add_lora(y[:1].expand_as(y), x, a_t, b, meta)
+    kernel = cpu_kernel.extension()
+    i32 = dict(dtype=torch.int32)
+
+    def call(ids, starts, counts):
+        kernel.add_lora(y.clone(), x, a_t, list(b), torch.tensor(ids), torch.tensor([0, 1], **i32),
+                        torch.tensor(starts, **i32), torch.tensor(counts, **i32), torch.tensor([16, 16], **i32), None)
+
+    call([0, 1, 2], [0, 1], [1, 2])  # what LoraBatchMeta.build makes
+    for ids, starts, counts, match in (
+            ([0, 1, 1], [0, 1], [1, 2], "repeats"),                  # two threads would write one row
+            ([0, 1, 2], [0, 0], [1, 2], "tile"),                     # overlapping runs
+            ([0, 1, 2], [0, 2**31 - 1], [1, 1], "tile"),             # start + count past int32
+            ([0, 1, 2], [0, 1], [1, 1], "add up")):                  # a token in no run
+        with pytest.raises(RuntimeError, match=match):
+            call(ids, starts, counts)
 
 
-def test_kernel_modes(monkeypatch, tmp_path, caplog):
+@pytest.fixture
+def unbuildable(monkeypatch, tmp_path):
+    """A host that cannot build the kernel: a compiler that does not exist, in a cache of its own
+    under a name of its own (torch counts a name's builds per process; the real one must not move)."""
+    monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
+    monkeypatch.setattr(cpu_kernel, "build_name", lambda flags: "loraplane_lora_cpu_unbuildable")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    return tmp_path / "loraplane_lora_cpu_unbuildable"
+
+
+def test_kernel_modes(monkeypatch, unbuildable, caplog):
     monkeypatch.setenv(cpu_kernel.ENV, "sometimes")
     with pytest.raises(ValueError, match="auto, on, off"):
         cpu_kernel.extension()
@@ -213,10 +239,7 @@ def test_kernel_modes(monkeypatch, tmp_path, caplog):
     x, y, a, b, meta = make([0, 1])
     a_t, _ = kmajor_stacks(a)
     assert cpu_kernel.extension() is None and not cpu_kernel.usable(y, x, a_t, transposed_b(b), meta)
-    # A host that cannot build it: auto warns once and keeps the torch path, on refuses.
-    monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    # auto warns once and keeps the torch path, on refuses.
     monkeypatch.setenv(cpu_kernel.ENV, "auto")
     with caplog.at_level(logging.WARNING, logger="kernels.cpu_kernel"):
         assert cpu_kernel.extension() is None
@@ -234,18 +257,32 @@ def test_kernel_modes(monkeypatch, tmp_path, caplog):
         cpu_kernel.extension()
 
 
-def test_a_killed_builds_lock_does_not_hang_the_next_start(monkeypatch, tmp_path, caplog):
+def test_a_killed_builds_lock_does_not_hang_the_next_start(monkeypatch, unbuildable, caplog):
     # torch waits for its build lock without limit: left by a killed build, it would hang every start.
-    monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # fail fast once past the lock
     monkeypatch.setenv(cpu_kernel.ENV, "auto")
-    lock = tmp_path / cpu_kernel.build_name() / "lock"
+    lock = unbuildable / "lock"
     lock.parent.mkdir()
-    lock.touch()
-    old = time.time() - cpu_kernel.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
+    lock.touch()  # just now: its age says nothing
     with caplog.at_level(logging.WARNING, logger="kernels.cpu_kernel"):
         assert cpu_kernel.extension() is None
     messages = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_kernel"]
-    assert messages[0].startswith(f"removing stale build lock {lock}")
+    assert messages[0] == f"removing {lock}, left by a build that was killed"
+
+
+def test_builds_take_turns(monkeypatch, unbuildable):
+    """A second process's build waits for the first's (its lock is an flock, released if it dies)."""
+    import fcntl
+    import threading
+
+    monkeypatch.setenv(cpu_kernel.ENV, "auto")
+    unbuildable.mkdir()
+    held = open(unbuildable.with_name(unbuildable.name + ".lock"), "a+b")  # noqa: SIM115 - released below
+    fcntl.flock(held, fcntl.LOCK_EX)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (cpu_kernel.extension(), done.set()))
+    worker.start()
+    assert not done.wait(1.0)  # blocked on the other build
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+    assert done.wait(30)
+    worker.join()
