@@ -17,7 +17,7 @@ from data_plane.engine.request import SamplingParams
 from data_plane.lora.adapter_cache import AdapterCache
 from data_plane.lora.cpu_cache import CpuCache
 from data_plane.lora.disk_cache import DiskCache
-from data_plane.lora.fetcher import Fetcher, FetcherConfig
+from data_plane.lora.fetcher import Fetcher
 from data_plane.lora.slot_table import SlotTable
 from data_plane.server.cache_service import CacheServicer
 from data_plane.server.config import DataPlaneConfig
@@ -34,7 +34,7 @@ from loraplane.grpc_server import (
     freeze_startup_heap,
     install_signal_handlers,
 )
-from loraplane.tls import ClientTlsFiles, server_credentials
+from loraplane.tls import server_credentials
 from loraplane.v1 import (
     cache_service_pb2,
     cache_service_pb2_grpc,
@@ -85,10 +85,7 @@ class DataPlane:
         self.engine_loop = await asyncio.to_thread(EngineLoop.build_and_start, self._engine, cpu, slots,
                                                    self.metrics.promoted)
         engine = self.engine_loop.engine
-        tls_files = (ClientTlsFiles(c.control_plane_ca, c.control_plane_client_cert, c.control_plane_client_key)
-                     if c.control_plane_ca or c.control_plane_client_cert else None)
-        self.fetcher = Fetcher(FetcherConfig(c.control_plane, c.distribution_token, tls_files=tls_files,
-                                             timeout_s=c.fetch_timeout_s, retries=c.fetch_retries))
+        self.fetcher = Fetcher(c.fetcher_config())
         self.cache = AdapterCache(self.fetcher, cpu, disk, self.metrics)
         info = generation_service_pb2.GetModelInfoResponse(
             model=model_name, architecture=engine.spec.architecture, max_model_len=c.max_model_len,

@@ -8,8 +8,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_plane.lora.fetcher import FetcherConfig
 from loraplane.auth import load_token
 from loraplane.grpc_server import HEALTH_LISTEN_HELP, check_address
+from loraplane.tls import ClientTlsFiles
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraplane" / "adapters"
 
@@ -44,6 +46,7 @@ class DataPlaneConfig:
     heartbeat_s: float = 2.0
     fetch_timeout_s: float = 30.0
     fetch_retries: int = 3
+    control_plane_tls: bool = False  # TLS verified against the system's roots (a CA file implies TLS with it)
     control_plane_ca: Path | None = None
     control_plane_client_cert: Path | None = None
     control_plane_client_key: Path | None = None
@@ -80,6 +83,8 @@ class DataPlaneConfig:
             raise ValueError("heartbeat_s must be > 0 and grace_period_s >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be a port number")
+        if not isinstance(self.control_plane_tls, bool):
+            raise ValueError(f"control_plane_tls must be True or False, got {self.control_plane_tls!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if bool(self.control_plane_client_cert) != bool(self.control_plane_client_key):
@@ -94,6 +99,14 @@ class DataPlaneConfig:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.disk_cache_dir = Path(self.disk_cache_dir)
+
+    def fetcher_config(self) -> FetcherConfig:
+        """How this data plane reaches the control plane: plaintext, TLS with the system's roots, or
+        TLS with the given CA (and client certificate), followed as those files rotate."""
+        files = (ClientTlsFiles(self.control_plane_ca, self.control_plane_client_cert, self.control_plane_client_key)
+                 if self.control_plane_ca or self.control_plane_client_cert else None)
+        return FetcherConfig(self.control_plane, self.distribution_token, tls_files=files, tls=self.control_plane_tls,
+                             timeout_s=self.fetch_timeout_s, retries=self.fetch_retries)
 
     def __repr__(self) -> str:
         shown = {k: ("***" if k.endswith("token") and v else v) for k, v in self.__dict__.items()}
@@ -133,6 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--control-plane-tls", action="store_true",
+                   help="TLS to the control plane, verified against the system's trust store (for a control plane "
+                        "behind a publicly trusted certificate); --control-plane-ca gives a CA of your own instead")
     p.add_argument("--control-plane-ca", type=Path, help="CA to verify the control plane's TLS certificate")
     p.add_argument("--control-plane-client-cert", type=Path,
                    help="client certificate (PEM) for a control plane that requires mTLS")
@@ -157,7 +173,8 @@ def from_args(args: argparse.Namespace) -> DataPlaneConfig:
         distribution_token=load_token(args.distribution_token, "LORAPLANE_DISTRIBUTION_TOKEN",
                                       args.distribution_token_file),
         admin_token=load_token(args.admin_token, "LORAPLANE_ADMIN_TOKEN", args.admin_token_file),
-        metrics_port=args.metrics_port, grace_period_s=args.grace_period, control_plane_ca=args.control_plane_ca,
+        metrics_port=args.metrics_port, grace_period_s=args.grace_period, control_plane_tls=args.control_plane_tls,
+        control_plane_ca=args.control_plane_ca,
         control_plane_client_cert=args.control_plane_client_cert, control_plane_client_key=args.control_plane_client_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         health_listen=args.health_listen, **extra)

@@ -6,6 +6,9 @@ certificate, and a rogue CA with its own client certificate that nothing should 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +214,53 @@ def test_data_plane_refuses_a_control_plane_it_cannot_verify(cp_factory, dp_fact
         assert dp.plane.fetcher.fetches == 0
 
 
+# gRPC reads its default trust store once per process, from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when set:
+# a child process with the test CA there stands for a control plane behind a public certificate. It
+# goes from the data plane's flags to the channel the data plane would fetch through.
+_RESOLVE_WITH_SYSTEM_ROOTS = """
+import argparse, asyncio, sys
+from data_plane.lora.fetcher import Fetcher
+from data_plane.server.config import add_arguments, from_args
+
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+config = from_args(parser.parse_args(["--model", "unused", "--device", "cpu", "--control-plane", sys.argv[1],
+                                      *sys.argv[3:]]))
+
+async def main():
+    fetcher = Fetcher(config.fetcher_config())
+    try:
+        print((await fetcher.resolve(sys.argv[2])).version)
+    finally:
+        await fetcher.close()
+
+asyncio.run(main())
+"""
+
+
+def test_control_plane_tls_verifies_against_the_systems_roots(cp_factory, dp_factory, pki, good_adapter):
+    cp = cp_factory(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with Client(cp.address, cp.token, root_certificates=pki.ca.read_bytes(), timeout=10) as c:
+        version = c.create_adapter("public", str(good_adapter), wait=True).version
+    # The test CA is in no system trust store: --control-plane-tls refuses the certificate.
+    dp = dp_factory(cp.address, control_plane_tls=True)
+    with dp.client(timeout=30) as c:
+        err = refused(lambda: c.generate_text([1, 2, 3], "public", max_tokens=2))
+        assert err.reason_name == "CONTROL_PLANE_UNAVAILABLE"
+    assert dp.plane.fetcher.fetches == 0
+    # With the test CA as the system's roots, the same setting resolves over TLS.
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki.ca), "PYTHONPATH": str(root)}
+    def resolve(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _RESOLVE_WITH_SYSTEM_ROOTS, cp.address, "public", *flags],
+                              env=env, cwd=root, capture_output=True, text=True, timeout=60)
+
+    out = resolve("--control-plane-tls")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == version
+    assert "CONTROL_PLANE_UNAVAILABLE" in resolve().stderr  # plaintext, without the flag
+
+
 def test_tls_settings_that_would_silently_weaken_are_refused(base_model, pki):
     from control_plane.config import ControlPlaneConfig
     from data_plane.server.config import DataPlaneConfig
@@ -222,7 +272,8 @@ def test_tls_settings_that_would_silently_weaken_are_refused(base_model, pki):
     common = dict(model=str(base_model), control_plane="127.0.0.1:1", device="cpu")
     for bad in (dict(tls_client_ca=pki.ca),  # mTLS asked for, but no server certificate: would run plaintext
                 dict(tls_key=pki.server_key),
-                dict(control_plane_client_cert=pki.client_cert)):
+                dict(control_plane_client_cert=pki.client_cert),
+                dict(control_plane_tls="no")):  # a string, truthy: it would have turned TLS on
         with pytest.raises(ValueError):
             DataPlaneConfig(**common, **bad)
 
