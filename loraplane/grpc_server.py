@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import inspect
 import logging
@@ -191,6 +192,11 @@ async def cancel_tasks(tasks, timeout_s: float = STOP_STEP_S) -> None:
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT stop the server gracefully; SIGUSR1 writes every thread's stack to stderr
+    and the server carries on, for a server that looks stuck (`kill -USR1 PID`)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # faulthandler writes from its C handler: the stacks come out even when the event loop or the
+    # GIL is what is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)

@@ -66,10 +66,14 @@ def test_process_cli_sigterm_and_restart(base_model, good_adapter, adapter_root,
         assert code == 2 and "ADAPTER_PINNED" in err
         code, _, err = cli(capsys, port, "get", "../etc/passwd")
         assert code == 2 and "INVALID_NAME" in err
+        proc.send_signal(signal.SIGUSR1)  # every thread's stack to the log, and the server carries on
+        time.sleep(0.5)
+        wait_serving(port, proc, timeout=10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         log = proc.stdout.read()
         assert "control plane stopped" in log and TOKEN not in log
+        assert "(most recent call first)" in log and "Current thread" in log
     finally:
         if proc.poll() is None:
             proc.kill()
