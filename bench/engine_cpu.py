@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import cpu_isa
+from bench.machine import commit, cpu_isa
 from data_plane.engine.config import EngineConfig
 from data_plane.engine.engine import Engine
 from data_plane.engine.kv_cache import block_bytes
@@ -223,7 +223,7 @@ def main() -> None:
     command = " ".join(["python", "-m", "bench.engine_cpu", *sys.argv[1:]])
     lines = [
         "# Engine CPU benchmark", "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit()}",
         f"- machine: {machine()}; 1-min load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after (the CPU is shared with other processes)",
         f"- command: `{omp_prefix()}{command}`",

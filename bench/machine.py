@@ -27,15 +27,22 @@ def cpu_isa() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def commit() -> str:
+    """The checkout's short commit, with "+changes" when the tree differs from it."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"{rev}+changes" if rev and dirty else rev or "unknown"
+
+
 def describe(module: str) -> str:
     """`module` is the bench's dotted name; the command line is rebuilt from it and sys.argv."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
-            f"- commit: {rev or 'unknown'}\n"
+            f"- commit: {commit()}\n"
             f"- cpu: {cpu_model()} ({cpu_isa()}), {os.cpu_count()} cores visible, {mem:.0f} GiB RAM\n"
             f"- gpu: {gpu}\n"
             f"- python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}\n"
