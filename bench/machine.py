@@ -28,10 +28,11 @@ def cpu_isa() -> str:
 
 
 def commit() -> str:
-    """The checkout's short commit, with "+changes" when the tree differs from it."""
+    """The checkout's short commit, with "+changes" when its code differs from it (bench/results, which
+    the benchmarks themselves rewrite, does not count)."""
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+                           capture_output=True, text=True).stdout.strip()
     return f"{rev}+changes" if rev and dirty else rev or "unknown"
 
 
