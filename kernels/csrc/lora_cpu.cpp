@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -28,72 +29,56 @@ constexpr int kColsExpand = 32;
 constexpr int64_t kTaskTokens = 32;
 constexpr int64_t kChunk = 128;
 
-// out[j][0:w] = sum_k x[j][k] * a[k * lda + 0:w] for J tokens; w = kColsShrink when Full.
-template <int J, bool Full, typename T>
-inline void shrink_block(const T* const* x, int64_t K, const T* a, int64_t lda, int w, float* const* out) {
-  const int W = Full ? kColsShrink : w;
-  float acc[J][kColsShrink] = {};
+// acc[j][0:w] += sum_k lhs[j][k] * rhs[k * ld + 0:w] for J rows and k < K; w = Cols when Full.
+// Both phases are this product: x against A (K = in), and v against B (K = the slot's rank).
+template <int J, int Cols, bool Full, typename L, typename R>
+inline void accumulate(const L* const* lhs, int64_t K, const R* rhs, int64_t ld, int w, float (&acc)[J][Cols]) {
+  const int W = Full ? Cols : w;
   for (int64_t k = 0; k < K; ++k) {
-    const T* ak = a + k * lda;
+    const R* rk = rhs + k * ld;
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) {
-      const float xv = static_cast<float>(x[j][k]);
+      const float l = static_cast<float>(lhs[j][k]);
 #pragma omp simd
-      for (int c = 0; c < W; ++c) acc[j][c] += xv * static_cast<float>(ak[c]);
+      for (int c = 0; c < W; ++c) acc[j][c] += l * static_cast<float>(rk[c]);
     }
   }
-  for (int j = 0; j < J; ++j)
-    for (int c = 0; c < W; ++c) out[j][c] = acc[j][c];
 }
 
-// y[j][0:w] += round(sum_r v[j][r] * b[r * ldb + 0:w]) for J tokens, r < rank; w = kColsExpand when
-// Full. The delta is summed in fp32 and rounded once into y, as the reference does.
+// out[j][0:w] = x[j] @ a[:, 0:w] for J tokens (a is K x lda, k-major).
+template <int J, bool Full, typename T>
+inline void shrink_block(const T* const* x, int64_t K, const T* a, int64_t lda, int w, float* const* out) {
+  float acc[J][kColsShrink] = {};
+  accumulate<J, kColsShrink, Full>(x, K, a, lda, w, acc);
+  for (int j = 0; j < J; ++j)
+    for (int c = 0; c < (Full ? kColsShrink : w); ++c) out[j][c] = acc[j][c];
+}
+
+// y[j][0:w] += round(v[j][0:rank] @ b[0:rank, 0:w]) for J tokens. The delta is summed in fp32 and
+// rounded once into y, as the reference does.
 template <int J, bool Full, typename T>
 inline void expand_block(const float* const* v, int64_t rank, const T* b, int64_t ldb, int w, T* const* y) {
-  const int W = Full ? kColsExpand : w;
   float acc[J][kColsExpand] = {};
-  for (int64_t r = 0; r < rank; ++r) {
-    const T* br = b + r * ldb;
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) {
-      const float vv = v[j][r];
-#pragma omp simd
-      for (int c = 0; c < W; ++c) acc[j][c] += vv * static_cast<float>(br[c]);
-    }
-  }
+  accumulate<J, kColsExpand, Full>(v, rank, b, ldb, w, acc);
   for (int j = 0; j < J; ++j)
-    for (int c = 0; c < W; ++c)
+    for (int c = 0; c < (Full ? kColsExpand : w); ++c)
       y[j][c] = static_cast<T>(static_cast<float>(y[j][c]) + static_cast<float>(static_cast<T>(acc[j][c])));
 }
 
-// The J (1..kTokens) and Full template arguments, chosen at run time.
-template <typename T>
-inline void shrink_tokens(int J, const T* const* x, int64_t K, const T* a, int64_t lda, int w, float* const* out) {
-  const bool full = w == kColsShrink;
+// Calls f(J, Full) with J (1..kTokens) and Full as compile-time constants chosen at run time, so
+// the blocks above are instantiated for each and the accumulators stay in registers.
+template <typename F>
+inline void with_block(int J, bool full, F&& f) {
+  using std::integral_constant;
   switch (J * 2 + full) {
-    case 9: shrink_block<4, true>(x, K, a, lda, w, out); break;
-    case 8: shrink_block<4, false>(x, K, a, lda, w, out); break;
-    case 7: shrink_block<3, true>(x, K, a, lda, w, out); break;
-    case 6: shrink_block<3, false>(x, K, a, lda, w, out); break;
-    case 5: shrink_block<2, true>(x, K, a, lda, w, out); break;
-    case 4: shrink_block<2, false>(x, K, a, lda, w, out); break;
-    case 3: shrink_block<1, true>(x, K, a, lda, w, out); break;
-    default: shrink_block<1, false>(x, K, a, lda, w, out); break;
-  }
-}
-
-template <typename T>
-inline void expand_tokens(int J, const float* const* v, int64_t rank, const T* b, int64_t ldb, int w, T* const* y) {
-  const bool full = w == kColsExpand;
-  switch (J * 2 + full) {
-    case 9: expand_block<4, true>(v, rank, b, ldb, w, y); break;
-    case 8: expand_block<4, false>(v, rank, b, ldb, w, y); break;
-    case 7: expand_block<3, true>(v, rank, b, ldb, w, y); break;
-    case 6: expand_block<3, false>(v, rank, b, ldb, w, y); break;
-    case 5: expand_block<2, true>(v, rank, b, ldb, w, y); break;
-    case 4: expand_block<2, false>(v, rank, b, ldb, w, y); break;
-    case 3: expand_block<1, true>(v, rank, b, ldb, w, y); break;
-    default: expand_block<1, false>(v, rank, b, ldb, w, y); break;
+    case 9: f(integral_constant<int, 4>{}, std::true_type{}); break;
+    case 8: f(integral_constant<int, 4>{}, std::false_type{}); break;
+    case 7: f(integral_constant<int, 3>{}, std::true_type{}); break;
+    case 6: f(integral_constant<int, 3>{}, std::false_type{}); break;
+    case 5: f(integral_constant<int, 2>{}, std::true_type{}); break;
+    case 4: f(integral_constant<int, 2>{}, std::false_type{}); break;
+    case 3: f(integral_constant<int, 1>{}, std::true_type{}); break;
+    default: f(integral_constant<int, 1>{}, std::false_type{}); break;
   }
 }
 
@@ -162,7 +147,10 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
             rows[j] = xp + ids[start + j0 + j] * ldx;
             outs[j] = vp + (start + j0 + j) * nR + c0;
           }
-          shrink_tokens<T>(J, rows, K, as + c0, nR, static_cast<int>(std::min<int64_t>(kColsShrink, nR - c0)), outs);
+          const int w = static_cast<int>(std::min<int64_t>(kColsShrink, nR - c0));
+          with_block(J, w == kColsShrink, [&](auto j, auto full) {
+            shrink_block<decltype(j)::value, decltype(full)::value, T>(rows, K, as + c0, nR, w, outs);
+          });
         }
       }
       float* vt = vp + (start + first) * nR;
@@ -199,8 +187,10 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
             vrows[j] = vp + (start + j0 + j) * nR + i * R;
             yrows[j] = yp + ids[start + j0 + j] * ldy + offsets[i] + c;
           }
-          expand_tokens<T>(J, vrows, rank, b + c, b_rank_stride[i],
-                           static_cast<int>(std::min<int64_t>(kColsExpand, c1 - c)), yrows);
+          const int w = static_cast<int>(std::min<int64_t>(kColsExpand, c1 - c));
+          with_block(J, w == kColsExpand, [&](auto j, auto full) {
+            expand_block<decltype(j)::value, decltype(full)::value, T>(vrows, rank, b + c, b_rank_stride[i], w, yrows);
+          });
         }
       }
     }
