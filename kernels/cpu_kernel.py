@@ -2,9 +2,10 @@
 
 The torch path (kernels/cpu_lora.py) spends a decode step's LoRA time on dispatching ~10 small ops
 per projection, not on LoRA bytes, and a prompt's on rank-16 matmuls that run far below the
-GEMM's rate; this kernel does a projection's shrink and expand in one call. It is built on first use by torch's extension builder (needs g++ and ninja) into
-TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), once per instruction set: later processes
-load the cached library. The reference it is tested against is kernels/reference.py.
+GEMM's rate; this kernel does a projection's shrink and expand in one call. It is built on first
+use by torch's extension builder (needs g++ and ninja) into TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions), once per instruction set, Python, torch and kernel source: later
+processes load the cached library. The reference it is tested against is kernels/reference.py.
 
 LORAPLANE_CPU_KERNEL chooses: `auto` (default) builds it and, when it cannot be built, warns once
 and keeps the torch path; `off` never builds it; `on` raises when it cannot be built.
@@ -43,6 +44,8 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class _Build:
     """The one build per process: its module, or the reason there is none (so it is tried once)."""
 
@@ -128,8 +131,7 @@ def extension() -> ModuleType | None:
         if choice == "on":
             raise RuntimeError(f"{ENV}=on but the CPU LoRA kernel cannot be built: {_BUILD.error}")
         if first:
-            log.warning("CPU LoRA kernel unavailable, using torch ops (slower): %s",
-                        _BUILD.error)
+            log.warning("CPU LoRA kernel unavailable, using torch ops (slower): %s", _BUILD.error)
     return module
 
 
