@@ -62,9 +62,14 @@ class AdapterCache:
         # (a request that waits on another's in-flight load is still one miss, not one per retry).
         hit = self.cpu.acquire(key)
         self._hit("cpu", hit)
-        while not hit:
-            await self._load(name, version, key)
-            hit = self.cpu.acquire(key)
+        if not hit:
+            adapter = await self._load(name, version, key)
+            # While this request waited, a release may have evicted it again (the tier runs over
+            # budget while other entries are held): put it back and hold it in one step. Looping on
+            # acquire-then-load instead once spun without yielding (a finished load still listed as
+            # in flight), and the event loop froze with every stream on it.
+            for evicted in self.cpu.put(key, adapter, hold=True):
+                self._evicted("cpu", evicted)
         self.versions.setdefault(name, version)
         return Lease(name, version, key)
 
@@ -74,15 +79,16 @@ class AdapterCache:
         if lease.key in self._retired and self.cpu.refs(lease.key) == 0:
             self.cpu.remove(lease.key)
 
-    async def _load(self, name: str, version: str, key: str) -> None:
+    async def _load(self, name: str, version: str, key: str) -> NormalizedAdapter:
+        """The adapter, loaded into the CPU tier once however many requests wait for it."""
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._load_once(name, version, key))
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    async def _load_once(self, name: str, version: str, key: str) -> None:
+    async def _load_once(self, name: str, version: str, key: str) -> NormalizedAdapter:
         t0 = time.perf_counter()
         data = await asyncio.to_thread(self.disk.get, version) if version in self.disk else None
         self._hit("disk", data is not None)
@@ -99,6 +105,7 @@ class AdapterCache:
             self.metrics.adapter_loaded(source, time.perf_counter() - t0)
         logger.info("adapter %s loaded into the CPU tier from %s in %.0f ms", key, source,
                     (time.perf_counter() - t0) * 1e3)
+        return adapter
 
     def _evicted(self, tier: str, what: str) -> None:
         if self.metrics:

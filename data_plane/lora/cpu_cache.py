@@ -46,16 +46,19 @@ class CpuCache:
         with self._lock:
             return key in self._entries
 
-    def put(self, key: str, adapter: NormalizedAdapter) -> list[str]:
-        """Insert (or refresh) `key`; returns the keys evicted to make room."""
+    def put(self, key: str, adapter: NormalizedAdapter, hold: bool = False) -> list[str]:
+        """Insert (or refresh) `key`, and with `hold` also acquire it in the same step; returns the
+        keys evicted to make room."""
         if self.pin_memory:
             # Page-locked host memory makes the copy into a GPU slot asynchronous and faster.
             adapter.tensors = {k: v.pin_memory() for k, v in adapter.tensors.items()}
         with self._lock:
-            if key in self._entries:
+            entry = self._entries.get(key)
+            if entry is not None:
                 self._entries.move_to_end(key)
+                entry.refs += hold
                 return []
-            entry = _Entry(adapter, adapter.size_bytes)
+            entry = _Entry(adapter, adapter.size_bytes, refs=int(hold))
             self._entries[key] = entry
             self.bytes += entry.size
             return self._evict_locked(keep=key)
