@@ -11,6 +11,7 @@ import base64
 import binascii
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ EVENT_MAXLEN = 100_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 _LUA = Path(__file__).parent / "lua"
+logger = logging.getLogger(__name__)
 # KEYS: adapter, artifact refs; ARGV: name, version. Atomic, so a READY in between is never missed.
 _DROP_REF = """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'version')
@@ -119,19 +121,45 @@ def _raise_if_cancelling() -> None:
 
 
 def _unavailable(fn):
-    """Map Redis connectivity failures to REGISTRY_UNAVAILABLE; everything else propagates."""
+    """Map Redis connectivity failures to REGISTRY_UNAVAILABLE; everything else propagates.
+
+    A restarted or failed-over Redis (or one whose `timeout` dropped idle clients) leaves every idle
+    pooled connection pointing at a dead socket, and redis-py only finds out when one is next used.
+    So a broken connection also drops the pool's idle ones: the next call connects afresh instead of
+    tripping over each stale connection in turn."""
 
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self: Registry, *args, **kwargs):
         try:
-            result = await fn(*args, **kwargs)
+            result = await fn(self, *args, **kwargs)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as e:
             _raise_if_cancelling()
+            await self.drop_idle_connections()
             raise LoraplaneError(R.ERROR_REASON_REGISTRY_UNAVAILABLE, f"the registry (Redis) is unavailable: {e}") from e
         _raise_if_cancelling()
         return result
 
     return wrapper
+
+
+def _read(fn):
+    """A read is sent once more after a broken connection, on a fresh one. Writes are not: a reply
+    lost after Redis ran a script would run it twice, so a write reports REGISTRY_UNAVAILABLE
+    (UNAVAILABLE: safe for the caller to retry) and the pool is fresh for its retry."""
+
+    @functools.wraps(fn)
+    async def once_more(self: Registry, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except redis_errors.BusyLoadingError:
+            raise
+        except redis_errors.ConnectionError as e:
+            _raise_if_cancelling()
+            logger.info("registry read %s retried on a fresh connection after: %s", fn.__name__, e)
+            await self.drop_idle_connections()
+            return await fn(self, *args, **kwargs)
+
+    return _unavailable(once_more)
 
 
 def _sentinel_master(url: str, opts: dict) -> aioredis.Redis:
@@ -217,9 +245,12 @@ class Registry:
     def replica_key(self, replica_id: str) -> str:
         return f"{self.base}:replica:{replica_id}"
 
-    @_unavailable
+    @_read
     async def ping(self) -> bool:
         return bool(await self.client.ping())
+
+    async def drop_idle_connections(self) -> None:
+        await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -265,11 +296,11 @@ class Registry:
     async def keep_artifact_ref(self, version: str, name: str) -> None:
         await self.client.eval(_KEEP_REF, 2, self.adapter_key(name), self.refs_key(version), name, version)
 
-    @_unavailable
+    @_read
     async def artifact_refs(self, version: str) -> int:
         return await self.client.scard(self.refs_key(version))
 
-    @_unavailable
+    @_read
     async def get(self, name: str) -> AdapterRecord:
         h = await self.client.hgetall(self.adapter_key(name))
         if not h:
@@ -314,7 +345,7 @@ class Registry:
                                  f"adapter {name!r} is pinned; unpin it before deleting", {"name": name})
         raise RuntimeError(f"unexpected registry script status {status!r}")
 
-    @_unavailable
+    @_read
     async def list(self, page_size: int, page_token: str, state_filter: str = "") -> tuple[list[AdapterRecord], str, int]:
         """One page in name order; cost is proportional to the page, not the registry."""
         key = self.state_key(state_filter) if state_filter else self.index_key
@@ -334,11 +365,11 @@ class Registry:
         token = encode_page_token(names[-1], state_filter) if more and names else ""
         return records, token, total
 
-    @_unavailable
+    @_read
     async def names_in(self, state: str) -> list[str]:
         return await self.client.zrange(self.state_key(state), 0, -1)
 
-    @_unavailable
+    @_read
     async def pinned_names(self) -> list[str]:
         return await self.client.zrange(self.pinned_key, 0, -1)
 
@@ -348,7 +379,7 @@ class Registry:
         res = await self.client.xread({self.events_key: after_id}, count=count, block=block_ms)
         return [(eid, data) for _, entries in res for eid, data in entries]
 
-    @_unavailable
+    @_read
     async def last_event_id(self) -> str:
         entries = await self.client.xrevrange(self.events_key, count=1)
         return entries[0][0] if entries else "0-0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from redis.exceptions import RedisError
@@ -124,13 +125,22 @@ class DataPlane:
         Every step is bounded, so a SIGTERM always ends the process: a step that overruns is logged
         by name and the rest still run (a stuck close must not keep the replica holding its GPU).
         """
-        if self.generation is not None:
-            self.generation.draining = True
         if self.grpc:
             await self.grpc.set_serving(False)
-            logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active,
-                        self.config.grace_period_s)
-            await self.grpc.drain(self.config.grace_period_s)
+        grace_s = self.config.grace_period_s
+        if self.generation is not None:
+            # The server keeps listening while streams finish, so a call that arrives before the
+            # routers have seen readiness drop gets UNAVAILABLE/SERVER_NOT_READY (retry elsewhere)
+            # from the handler, not whatever grpc core answers once it stops.
+            self.generation.draining = True
+            logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active, grace_s)
+            t0 = time.monotonic()
+            if not await self.generation.wait_drained(grace_s):
+                logger.warning("grace period over with %d requests in flight; cancelling them",
+                               self.generation.active)
+            grace_s = max(0.0, grace_s - (time.monotonic() - t0))
+        if self.grpc:
+            await self.grpc.drain(grace_s)
         await cancel_tasks(self._tasks)
         if self.engine_loop:
             await asyncio.to_thread(self.engine_loop.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -52,6 +53,13 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self.max_queue = max_queue
         self.active = 0
         self.draining = False
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until no Generate call is in flight; False if timeout_s ran out first."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.active
 
     async def GetModelInfo(self, request, context):
         return self.model_info
