@@ -1,14 +1,18 @@
-"""The compiled CPU multi-LoRA kernel (kernels/csrc/lora_cpu.cpp): build, load, launch.
+"""loraplane's compiled CPU ops (kernels/csrc/): build and load them; launch the multi-LoRA one.
+
+The extension holds two ops, a file each: lora_cpu.cpp (multi-LoRA, launched here) and
+paged_attention_cpu.cpp (decode attention, launched by kernels/cpu_attention.py); module.cpp binds them.
 
 The torch path (kernels/cpu_lora.py) spends a decode step's LoRA time on dispatching ~10 small ops
 per projection, not on LoRA bytes, and a prompt's on rank-16 matmuls that run far below the
-GEMM's rate; this kernel does a projection's shrink and expand in one call. It is built on first
-use by torch's extension builder (needs g++ and ninja) into TORCH_EXTENSIONS_DIR (default
-~/.cache/torch_extensions), once per instruction set, Python, torch and kernel source: later
-processes load the cached library. The reference it is tested against is kernels/reference.py.
+GEMM's rate; this kernel does a projection's shrink and expand in one call. The extension is built
+on first use by torch's extension builder (needs g++ and ninja) into TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions), once per instruction set, Python, torch and kernel sources: later
+processes load the cached library. The references both ops are tested against are in
+kernels/reference.py.
 
-LORAPLANE_CPU_KERNEL chooses: `auto` (default) builds it and, when it cannot be built, warns once
-and keeps the torch path; `off` never builds it; `on` raises when it cannot be built.
+LORAPLANE_CPU_KERNEL chooses, for both ops: `auto` (default) builds them and, when they cannot be
+built, warns once and keeps the torch paths; `off` never builds them; `on` raises when they cannot be built.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ log = logging.getLogger(__name__)
 
 ENV = "LORAPLANE_CPU_KERNEL"
 MODES = ("auto", "on", "off")
-SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("module.cpp", "lora_cpu.cpp", "paged_attention_cpu.cpp"))
 # The loops are written for the compiler to vectorise; the flags follow the ISA torch itself
 # dispatches to, never -march=native, so a cached build cannot carry instructions another host lacks.
+# CPU_CAPABILITY picks the matching at::vec::Vectorized (the attention op's exp is torch's own Sleef).
 ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-               "-mprefer-vector-width=512"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+               "-mprefer-vector-width=512", "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,14 +81,16 @@ class _Build:
                     leftover.unlink(missing_ok=True)
                 # Built from a copy in the build directory: the build never depends on which checkout
                 # or installation the source came from, so they share it instead of rebuilding in turn.
-                source = build_dir / SOURCE.name
-                if not source.exists():
-                    shutil.copyfile(SOURCE, source)
-                self.module = load(name, [str(source)], build_directory=str(build_dir), extra_cflags=flags)
+                sources = [build_dir / src.name for src in SOURCES]
+                for src, copy in zip(SOURCES, sources, strict=True):
+                    if not copy.exists():
+                        shutil.copyfile(src, copy)
+                self.module = load(name, [str(c) for c in sources], build_directory=str(build_dir),
+                                   extra_cflags=flags)
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
             self.error = f"{type(e).__name__}: {e}"
             return None
-        log.info("CPU LoRA kernel ready (%s) in %.1f s", isa, time.perf_counter() - started)
+        log.info("CPU kernels ready (%s) in %.1f s", isa, time.perf_counter() - started)
         return self.module
 
 
@@ -91,8 +99,9 @@ def build_name(flags: Sequence[str]) -> str:
     CPU or kernel version."""
     isa = torch.backends.cpu.get_cpu_capability()
     version = f"{isa}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(flags).encode()).hexdigest()[:12]
-    return f"loraplane_lora_cpu_{re.sub(r'[^0-9A-Za-z]', '_', version).lower()}_{digest}"
+    digest = hashlib.sha256(b"".join(src.read_bytes() + b"\0" for src in SOURCES)
+                            + "\0".join(flags).encode()).hexdigest()[:12]
+    return f"loraplane_cpu_ops_{re.sub(r'[^0-9A-Za-z]', '_', version).lower()}_{digest}"
 
 
 @contextlib.contextmanager
@@ -102,7 +111,7 @@ def _exclusive(path: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another process building the CPU LoRA kernel (%s)", path)
+            log.info("waiting for another process building the CPU kernels (%s)", path)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -121,7 +130,7 @@ def mode() -> str:
 
 
 def extension() -> ModuleType | None:
-    """The built kernel, or None when it is off or cannot be built (`on` raises instead)."""
+    """The built extension, or None when it is off or cannot be built (`on` raises instead)."""
     choice = mode()
     if choice == "off":
         return None
@@ -129,9 +138,9 @@ def extension() -> ModuleType | None:
     module = _BUILD.load()
     if module is None:
         if choice == "on":
-            raise RuntimeError(f"{ENV}=on but the CPU LoRA kernel cannot be built: {_BUILD.error}")
+            raise RuntimeError(f"{ENV}=on but the CPU kernels cannot be built: {_BUILD.error}")
         if first:
-            log.warning("CPU LoRA kernel unavailable, using torch ops (slower): %s", _BUILD.error)
+            log.warning("CPU kernels unavailable, using torch ops (slower): %s", _BUILD.error)
     return module
 
 
@@ -169,7 +178,7 @@ def add_lora(
     """
     module = for_batch(meta)
     if module is None:
-        raise RuntimeError(f"the CPU LoRA kernel is unavailable (see {ENV})")
+        raise RuntimeError(f"the CPU kernels are unavailable (see {ENV})")
     if scale is not None:
         scale = scale.to(torch.float32).contiguous()
     module.add_lora(y, x, a_kmajor, list(b_stacks), meta.sorted_token_ids, meta.active_slots,

@@ -41,3 +41,26 @@ def expand_ref(
                 delta = delta * scale[slot]
             y[ids, offset:offset + width] += delta.to(y.dtype)
             offset += width
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,                       # [D, H, Dh]
+    k_cache: torch.Tensor,                 # [blocks, block_size, KVH, Dh]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,            # [D, width] int64
+    positions: torch.Tensor,               # [D] int64
+    sliding_window: int | None = None,
+) -> torch.Tensor:                         # [D, H * Dh] in q's dtype, computed in fp32
+    """One sequence at a time: gather its visible keys and values, expand them to the query heads."""
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty(q.shape[0], heads * head_dim, dtype=q.dtype)
+    for d, pos in enumerate(positions.tolist()):
+        first = max(0, pos - sliding_window + 1) if sliding_window else 0
+        p = torch.arange(first, pos + 1)
+        blocks = block_tables[d, p // block_size]
+        keys = k_cache[blocks, p % block_size].float().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, Dh]
+        values = v_cache[blocks, p % block_size].float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[d].float(), keys) * head_dim ** -0.5
+        out[d] = torch.einsum("hl,lhd->hd", scores.softmax(-1), values).reshape(-1).to(q.dtype)
+    return out

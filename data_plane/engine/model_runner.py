@@ -15,6 +15,7 @@ from data_plane.engine.scheduler import Batch
 from data_plane.lora.layers import LoraSlots
 from data_plane.models.attention import AttentionContext, PrefillSeq
 from data_plane.models.llama import LlamaForCausalLM
+from kernels import cpu_kernel
 
 
 class ModelRunner:
@@ -61,8 +62,12 @@ class ModelRunner:
             if prefills:  # a decode-only step (the common one) already has its tables
                 tables = _block_tables(tuple(requests[i] for i in decoding), [ends[i] for i in decoding], bs)
             ctx.block_tables = tables.to(self.device)
-            ctx.decode_mask = self._decode_mask(torch.tensor([requests[i].num_computed_tokens for i in decoding]),
-                                                tables.shape[1] * bs).to(self.device)
+            query_positions = torch.tensor([requests[i].num_computed_tokens for i in decoding])
+            ctx.cpu_kernel = cpu_kernel.extension() if self.device.type == "cpu" else None
+            if ctx.cpu_kernel is not None:  # reads the blocks in place: no mask to build
+                ctx.decode_positions = query_positions
+            else:
+                ctx.decode_mask = self._decode_mask(query_positions, tables.shape[1] * bs).to(self.device)
         if prefills:  # decode rows among prefill rows; None: every row is a decode token, in order
             ctx.decode_rows = torch.tensor([bounds[i][0] for i in decoding], dtype=torch.int64, device=self.device)
         if self.loras is not None:

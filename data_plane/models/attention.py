@@ -4,15 +4,19 @@ The cache of one layer is [num_blocks, block_size, kv_heads, head_dim]; a token'
 flat slot `block * block_size + offset`. A batch mixes prefill sequences and decode tokens.
 A prompt's first chunk attends causally within its fresh tokens; a later chunk of a prompt
 (chunked prefill) gathers the sequence's blocks, its earlier chunks' K/V included. A decode token
-gathers its sequence's blocks and masks past its position.
+gathers its sequence's blocks and masks past its position; on CPU the compiled op
+(kernels/cpu_attention.py) reads them in place instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu_attention import paged_decode_attention
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class AttentionContext:
     prefills: tuple[PrefillSeq, ...] = ()    # the sequences feeding more than one token
     block_tables: torch.Tensor | None = None  # decode: [D, max_blocks] int64, one row per decode token
     decode_mask: torch.Tensor | None = None  # decode: [D, 1, 1, max_blocks * block_size], 0 or -inf
+    decode_positions: torch.Tensor | None = None  # decode: [D] int64, each query's position
+    # The compiled CPU ops (kernels.cpu_kernel.extension()): decode reads the cache in place, no mask.
+    cpu_kernel: ModuleType | None = None
     # Rows of the D decode tokens among the prefill rows; None when the batch is decode tokens only.
     decode_rows: torch.Tensor | None = None
     sliding_window: int | None = None
@@ -53,6 +60,9 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """q [D, H, D_h], one query token per sequence -> [D, H * D_h]."""
+    if ctx.cpu_kernel is not None:
+        return paged_decode_attention(ctx.cpu_kernel, q, k_cache, v_cache, ctx.block_tables, ctx.decode_positions,
+                                      ctx.sliding_window)
     batch, heads, _ = q.shape
     kv_heads, head_dim = k_cache.shape[-2:]
     flat_blocks = ctx.block_tables.flatten()

@@ -257,10 +257,3 @@ void add_lora(at::Tensor y, at::Tensor x, at::Tensor a, std::vector<at::Tensor> 
     run<scalar_t>(y, x, a, bs, ids, slots, starts, counts, ranks, sp);
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // No Python object is touched inside: the GIL goes, so the server's event loop keeps running
-  // while the engine thread is in the kernel.
-  m.def("add_lora", &add_lora, py::call_guard<py::gil_scoped_release>(),
-        "Multi-LoRA shrink and expand, in place on y");
-}

@@ -59,7 +59,7 @@ def llama_adapters(artifacts):  # noqa: F811
     }
 
 
-@pytest.mark.parametrize("kernel_mode", ["on", "off"])  # the compiled CPU kernel, and the torch ops
+@pytest.mark.parametrize("kernel_mode", ["on", "off"])  # the compiled CPU kernels, and the torch ops
 def test_mixed_ranks_modules_and_base_requests_match_hf(llama_adapters, kernel_mode, monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV, kernel_mode)
     model, adapters = llama_adapters
@@ -80,7 +80,9 @@ def test_hf_mixed_batch_oracle_agrees(llama_adapters):
     assert ours == expected
 
 
-def test_requests_arriving_mid_decode_match_hf(llama_adapters):
+@pytest.mark.parametrize("kernel_mode", ["on", "off"])  # decode rows among prefill rows, both attention paths
+def test_requests_arriving_mid_decode_match_hf(llama_adapters, kernel_mode, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV, kernel_mode)
     model, adapters = llama_adapters
     engine = make_engine(model, adapters)
     first = random_prompts([6, 11], seed=3)

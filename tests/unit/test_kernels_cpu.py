@@ -225,10 +225,10 @@ def unbuildable(monkeypatch, tmp_path):
     """A host that cannot build the kernel: a compiler that does not exist, in a cache of its own
     under a name of its own (torch counts a name's builds per process; the real one must not move)."""
     monkeypatch.setattr(cpu_kernel, "_BUILD", cpu_kernel._Build())
-    monkeypatch.setattr(cpu_kernel, "build_name", lambda flags: "loraplane_lora_cpu_unbuildable")
+    monkeypatch.setattr(cpu_kernel, "build_name", lambda flags: "loraplane_cpu_ops_unbuildable")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    return tmp_path / "loraplane_lora_cpu_unbuildable"
+    return tmp_path / "loraplane_cpu_ops_unbuildable"
 
 
 def test_kernel_modes(monkeypatch, unbuildable, caplog):
@@ -245,7 +245,7 @@ def test_kernel_modes(monkeypatch, unbuildable, caplog):
         assert cpu_kernel.extension() is None
         assert cpu_kernel.extension() is None
     ours = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_kernel"]
-    assert len(ours) == 1 and ours[0].startswith("CPU LoRA kernel unavailable")
+    assert len(ours) == 1 and ours[0].startswith("CPU kernels unavailable")
     x, y, a, b, meta = make([0, 1])  # a new batch: the kernel is chosen once per batch
     a_t, a = kmajor_stacks(a)
     assert not cpu_kernel.usable(y, x, a_t, transposed_b(b), meta)
