@@ -8,7 +8,8 @@ fp32, torch.set_num_threads(2). Workload: 16 requests over 8 rank-16 adapters on
 generate(adapter_names=...) on the whole batch, (b) the engine on the same mixed-adapter batch,
 (c) the engine on the same prompts with the base model, (d) (b) again under a KV budget too small
 for the batch, to show preemption keeps outputs identical and the budget holds, (e) (b) with the
-compiled CPU LoRA kernel off (the torch ops), interleaved with (b) and (c).
+compiled CPU ops off (the torch ops for LoRA, gather + SDPA for decode attention), interleaved
+with (b) and (c).
 The model and adapters are built by a child process, so this process's peak RSS is the engine's
 until the HF model is loaded for (a), which runs last.
 """
@@ -117,7 +118,7 @@ def run_engine(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]
 
 
 def run_torch_ops(engine: Engine, prompts, adapters) -> tuple[Timed, list[list[int]]]:
-    """The mixed run with the CPU LoRA kernel off: the torch ops it replaces, for the A/B."""
+    """The mixed run with the compiled CPU ops off: the torch ops they replace, for the A/B."""
     before = os.environ.get(cpu_kernel.ENV)
     os.environ[cpu_kernel.ENV] = "off"
     try:
@@ -219,7 +220,7 @@ def main() -> None:
             ("(b) engine, mixed adapters (8 adapters x 2 requests)", mixed),
             ("(c) engine, base model only", base),
             ("(d) engine, mixed adapters, KV budget 12 MiB (preempts)", tight),
-            (f"(e) engine, mixed adapters, torch LoRA ops ({cpu_kernel.ENV}=off)", torch_ops)]
+            (f"(e) engine, mixed adapters, torch ops for LoRA and attention ({cpu_kernel.ENV}=off)", torch_ops)]
     command = " ".join(["python", "-m", "bench.engine_cpu", *sys.argv[1:]])
     lines = [
         "# Engine CPU benchmark", "",
@@ -239,7 +240,7 @@ def main() -> None:
         f"per interleaved pair (wall): {pair_ratios(mixed_runs, base_runs)}",
         f"- greedy tokens equal to HF+PEFT: {sum(a == b for a, b in zip(hf[2], mixed[2], strict=True))}"
         f"/{N_REQ} requests; (d) equal to (b): {tight_out == mixed[2]}; (e) equal to (b): {torch_ops[2] == mixed[2]}",
-        f"- CPU LoRA kernel: {_kernel_state()}; (b) vs (e): {torch_ops[0] / mixed[0]:.2f}x (wall), "
+        f"- compiled CPU ops (LoRA, decode attention): {_kernel_state()}; (b) vs (e): {torch_ops[0] / mixed[0]:.2f}x (wall), "
         f"per interleaved pair {pair_ratios(mixed_runs, torch_runs)}",
         f"- KV, runs (b)/(c): {kv_main}",
         f"- KV, run (d): {kv_tight}",
