@@ -8,7 +8,11 @@
    the next of enough copies to exceed the caches, as a decode step that streams every layer does.
 2. The decode LoRA shrink of a packed qkv (8 slots x 2 tokens, rank 16): A held [S, R, in]
    against input-major [S, in, 3R] (data_plane/lora/layers.py), also with cold weights.
-3. Small parallel ops run from the main thread, from a second thread started after the main one
+3. Decode attention of one layer over the paged KV cache, for the bench model's heads (8 query,
+   4 KV, head_dim 64, 16-token blocks): the torch path (gather the blocks with index_select, then
+   SDPA under a mask; data_plane/models/attention.py) against the compiled op
+   (kernels/cpu_attention.py), each call on the next of the 8 layers' caches.
+4. Small parallel ops run from the main thread, from a second thread started after the main one
    has used OpenMP, and from such a thread after the main thread's pool is released
    (bench.targets.release_openmp_pools): why data_plane/server/engine_loop.py builds the engine
    in the thread that steps it.
@@ -69,6 +73,33 @@ def shrink_layouts() -> list[str]:
             f"| [S, in, 3R] (input-major) | {b:.1f} |"]
 
 
+def decode_attention() -> list[str]:
+    from data_plane.models.attention import AttentionContext, _decode  # noqa: PLC0415
+    from kernels import cpu_kernel  # noqa: PLC0415
+    from kernels.cpu_attention import paged_decode_attention  # noqa: PLC0415
+
+    module = cpu_kernel.extension()
+    if module is None:
+        return ["The compiled CPU ops are unavailable here (see LORAPLANE_CPU_KERNEL): nothing to compare."]
+    layers, blocks, block_size, kv_heads, heads, head_dim = 8, 256, 16, 4, 8, 64
+    k_cache = torch.randn(layers, blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.randn_like(k_cache)
+    rows = ["| sequences | context tokens | gather + SDPA us | compiled op us | speed-up |", "|---:|---:|---:|---:|---:|"]
+    for seqs, context in ((16, 64), (16, 128), (32, 96)):
+        width = context // block_size
+        tables = torch.randperm(blocks)[:seqs * width].view(seqs, width)
+        positions = torch.full((seqs,), context - 1)
+        keys = torch.arange(width * block_size)[None, :]
+        mask = torch.zeros(seqs, width * block_size).masked_fill_(keys > positions[:, None], float("-inf"))
+        ctx = AttentionContext(k_cache, v_cache, positions, block_tables=tables, decode_mask=mask[:, None, None, :])
+        q = torch.randn(seqs, heads, head_dim)
+        torch_us = per_call_us([lambda i=i: _decode(q, k_cache[i], v_cache[i], ctx) for i in range(layers)], reps=20)
+        op_us = per_call_us([lambda i=i: paged_decode_attention(module, q, k_cache[i], v_cache[i], tables, positions)
+                             for i in range(layers)], reps=20)
+        rows.append(f"| {seqs} | {context} | {torch_us:.0f} | {op_us:.0f} | {torch_us / op_us:.1f}x |")
+    return rows
+
+
 def small_ops() -> dict[str, float]:
     w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(1024, 512), None)
     x, xs, a, y = torch.randn(16, 512), torch.randn(8, 2, 512), torch.randn(8, 512, 48), torch.randn(1024, 1024)
@@ -107,6 +138,7 @@ def main() -> None:
              f"{args.threads} torch threads, fp32, cold weights unless noted. Microseconds per call.", "",
              "## Projections: default linear vs oneDNN over a reordered weight", "", *linears(), "",
              "## Decode LoRA shrink of a packed qkv: A layout", "", *shrink_layouts(), "",
+             "## Decode attention of one layer: torch path vs the compiled op", "", *decode_attention(), "",
              "## Small ops by thread (GNU OpenMP)", "", *threads(), ""]
     args.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

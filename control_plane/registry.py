@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ ACTIVE_STATES = ("PENDING", "DOWNLOADING", "VALIDATING")
 EVENT_MAXLEN = 100_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+DROP_TIMEOUT_S = 0.5
 _LUA = Path(__file__).parent / "lua"
 logger = logging.getLogger(__name__)
 # KEYS: adapter, artifact refs; ARGV: name, version. Atomic, so a READY in between is never missed.
@@ -134,7 +136,8 @@ def _unavailable(fn):
             result = await fn(self, *args, **kwargs)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as e:
             _raise_if_cancelling()
-            await self.drop_idle_connections()
+            if _broken_connection(e):
+                await self.drop_idle_connections()
             raise LoraplaneError(R.ERROR_REASON_REGISTRY_UNAVAILABLE, f"the registry (Redis) is unavailable: {e}") from e
         _raise_if_cancelling()
         return result
@@ -142,20 +145,27 @@ def _unavailable(fn):
     return wrapper
 
 
+def _broken_connection(e: Exception) -> bool:
+    """A connection that broke (reset, closed by the server), not Redis refusing us on a good one."""
+    return isinstance(e, redis_errors.ConnectionError) and not isinstance(e, (
+        redis_errors.BusyLoadingError, redis_errors.AuthenticationError, redis_errors.AuthorizationError,
+        redis_errors.MaxConnectionsError))
+
+
 def _read(fn):
     """A read is sent once more after a broken connection, on a fresh one. Writes are not: a reply
-    lost after Redis ran a script would run it twice, so a write reports REGISTRY_UNAVAILABLE
-    (UNAVAILABLE: safe for the caller to retry) and the pool is fresh for its retry."""
+    lost after Redis ran a script would run it twice, so a write reports REGISTRY_UNAVAILABLE and
+    the pool is fresh for whatever the caller decides."""
 
     @functools.wraps(fn)
     async def once_more(self: Registry, *args, **kwargs):
         try:
             return await fn(self, *args, **kwargs)
-        except redis_errors.BusyLoadingError:
-            raise
         except redis_errors.ConnectionError as e:
+            if not _broken_connection(e):
+                raise
             _raise_if_cancelling()
-            logger.info("registry read %s retried on a fresh connection after: %s", fn.__name__, e)
+            logger.debug("registry read %s retried on a fresh connection after: %s", fn.__name__, e)
             await self.drop_idle_connections()
             return await fn(self, *args, **kwargs)
 
@@ -250,7 +260,10 @@ class Registry:
         return bool(await self.client.ping())
 
     async def drop_idle_connections(self) -> None:
-        await self.client.connection_pool.disconnect(inuse_connections=False)
+        """Best effort, and short: closing a socket to a dead peer (TLS waits for its reply) must not
+        hold up or replace the error the caller is about to report."""
+        with contextlib.suppress(redis_errors.RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.client.connection_pool.disconnect(inuse_connections=False), DROP_TIMEOUT_S)
 
     async def close(self) -> None:
         await self.client.aclose()

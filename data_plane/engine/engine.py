@@ -60,8 +60,8 @@ class Engine:
         self.loras: LoraSlots | None = None
         if config.max_loras:
             self.loras = LoraSlots(self.model, self.spec, PACKED_MODULES, config.max_loras, config.max_lora_rank)
-            if device.type == "cpu":  # built here, not in the first step (~30 s on first use per host)
-                cpu_kernel.extension()
+        if device.type == "cpu":  # built here, not in the first step (~30 s on first use per host)
+            cpu_kernel.extension()
         use_onednn_linears(self.model, device, self.dtype)  # after LoRA wraps them: it swaps the wrapped bases too
         blocks = num_blocks(config, self.spec, self.dtype)
         self.kv = KVCache.allocate(self.spec, blocks, config.kv_block_size, self.dtype, device)

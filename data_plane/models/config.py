@@ -58,7 +58,7 @@ class ModelArgs:
             qkv_bias=qwen or attention_bias,
             o_bias=attention_bias and not qwen,
             mlp_bias=bool(config.get("mlp_bias", False)),
-            sliding_window=config.get("sliding_window") if arch == "MistralForCausalLM" else None,
+            sliding_window=(config.get("sliding_window") or None) if arch == "MistralForCausalLM" else None,
             eos_token_ids=tuple(eos),
             dtype=config.get("dtype") or config.get("torch_dtype"),
         )

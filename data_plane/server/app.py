@@ -44,6 +44,7 @@ from loraplane.v1 import (
 )
 
 logger = logging.getLogger(__name__)
+AFTER_DRAIN_S = 2.0  # grace for the other RPCs once no Generate stream is left
 GENERATION_SERVICE = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 CACHE_SERVICE = cache_service_pb2.DESCRIPTOR.services_by_name["AdapterCacheService"].full_name
 MAX_QUEUE_FACTOR = 8  # queued + running requests a replica accepts, per max_num_seqs
@@ -135,10 +136,14 @@ class DataPlane:
             self.generation.draining = True
             logger.info("draining %d in-flight requests (grace %.0fs)", self.generation.active, grace_s)
             t0 = time.monotonic()
-            if not await self.generation.wait_drained(grace_s):
+            if await self.generation.wait_drained(grace_s):
+                # What is left is short calls, and streams that never end by themselves (a health
+                # Watch): they get a moment, not the rest of the grace period.
+                grace_s = min(AFTER_DRAIN_S, max(0.0, grace_s - (time.monotonic() - t0)))
+            else:
                 logger.warning("grace period over with %d requests in flight; cancelling them",
                                self.generation.active)
-            grace_s = max(0.0, grace_s - (time.monotonic() - t0))
+                grace_s = 0.0
         if self.grpc:
             await self.grpc.drain(grace_s)
         await cancel_tasks(self._tasks)

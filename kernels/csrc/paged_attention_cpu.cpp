@@ -119,6 +119,7 @@ void check(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, cons
                   positions.is_contiguous() && positions.device().is_cpu(),
               "paged_decode_attention: positions [D] int64 on CPU");
   TORCH_CHECK(window >= 0, "paged_decode_attention: window >= 0 (0 = none)");
+  TORCH_CHECK(kc.size(1) > 0, "paged_decode_attention: block_size > 0");
   // Every block a query reads must be in its table and in the cache: the kernel reads them unchecked.
   const int64_t bs = kc.size(1), blocks = kc.size(0), width = tables.size(1);
   const int64_t* table = tables.data_ptr<int64_t>();

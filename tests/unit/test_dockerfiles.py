@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from kernels import cpu_kernel
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
     "control-plane": ROOT / "docker" / "control-plane.Dockerfile",
@@ -246,4 +248,6 @@ def test_package_builds_from_the_docker_context(tracked_files, tmp_path):
         assert f"{pkg}/__init__.py" in names
     assert any(n.startswith("control_plane/lua/") and n.endswith(".lua") for n in names)
     assert any(n.startswith("loraplane/v1/") and n.endswith("_pb2.py") for n in names)
+    for source in cpu_kernel.SOURCES:  # the CPU kernels are compiled on the serving host, from these
+        assert f"kernels/csrc/{source.name}" in names
     assert re.search(r"^loraplane\s*=\s*loraplane\.cli:main$", entry_points, re.M), entry_points
