@@ -63,39 +63,46 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& kc, const at::T
   const int64_t* table = tables.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  // A task is one sequence's KV head: its G query heads share every K and V row it reads.
-  at::parallel_for(0, D * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * Dh), acc(G * Dh), total(G), row(Dh), scores;
+  // A task is a sequence's KV heads [h0, h0 + hp), all of them unless that leaves threads idle: a
+  // position's K (or V) row for every head is one contiguous run of the cache, which the hardware
+  // prefetcher streams, where one head's slice of it is a strided 1/KVH of each block.
+  int64_t hp = KVH;
+  while (hp % 2 == 0 && D * (KVH / hp) < 2 * at::get_num_threads()) hp /= 2;
+  const int64_t per_seq = KVH / hp, NQ = hp * G;  // NQ: the task's query heads, G per KV head
+  at::parallel_for(0, D * per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(NQ * Dh), acc(NQ * Dh), total(NQ), row(hp * Dh), scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t d = task / KVH, h = task % KVH;
+      const int64_t d = task / per_seq, h0 = (task % per_seq) * hp;
       const int64_t last = pos[d], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t L = last - first + 1;
       const int64_t* blocks = table + d * width;
-      scores.resize(G * L);
-      for (int64_t g = 0; g < G; ++g) {
-        const T* qh = qp + d * q_row + (h * G + g) * q_head;
-        for (int64_t c = 0; c < Dh; ++c) qf[g * Dh + c] = static_cast<float>(qh[c]) * scale;
+      scores.resize(NQ * L);
+      for (int64_t i = 0; i < NQ; ++i) {
+        const T* qh = qp + d * q_row + (h0 * G + i) * q_head;
+        for (int64_t c = 0; c < Dh; ++c) qf[i * Dh + c] = static_cast<float>(qh[c]) * scale;
       }
       for (int64_t p = first; p <= last; ++p) {
-        const float* key = as_float(kp + blocks[p / bs] * block_stride + (p % bs) * pos_stride + h * Dh, Dh, row.data());
-        for (int64_t g = 0; g < G; ++g) scores[g * L + (p - first)] = dot(qf.data() + g * Dh, key, Dh);
+        const float* keys = as_float(kp + blocks[p / bs] * block_stride + (p % bs) * pos_stride + h0 * Dh, hp * Dh,
+                                     row.data());
+        for (int64_t i = 0; i < NQ; ++i) scores[i * L + (p - first)] = dot(qf.data() + i * Dh, keys + (i / G) * Dh, Dh);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        const Vec m(*std::max_element(sg, sg + L));
-        at::vec::map([m](Vec x) { return (x - m).exp(); }, sg, sg, L);
-        total[g] = std::accumulate(sg, sg + L, 0.f);
+      for (int64_t i = 0; i < NQ; ++i) {
+        float* si = scores.data() + i * L;
+        const Vec m(*std::max_element(si, si + L));
+        at::vec::map([m](Vec x) { return (x - m).exp(); }, si, si, L);
+        total[i] = std::accumulate(si, si + L, 0.f);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t p = first; p <= last; ++p) {
-        const float* value = as_float(vp + blocks[p / bs] * block_stride + (p % bs) * pos_stride + h * Dh, Dh,
-                                      row.data());
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + (p - first)], value, acc.data() + g * Dh, Dh);
+        const float* values = as_float(vp + blocks[p / bs] * block_stride + (p % bs) * pos_stride + h0 * Dh,
+                                       hp * Dh, row.data());
+        for (int64_t i = 0; i < NQ; ++i)
+          axpy(scores[i * L + (p - first)], values + (i / G) * Dh, acc.data() + i * Dh, Dh);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        T* o = op + d * H * Dh + (h * G + g) * Dh;
-        const float inv = 1.f / total[g];
-        for (int64_t c = 0; c < Dh; ++c) o[c] = static_cast<T>(acc[g * Dh + c] * inv);
+      for (int64_t i = 0; i < NQ; ++i) {
+        T* o = op + d * H * Dh + (h0 * G + i) * Dh;
+        const float inv = 1.f / total[i];
+        for (int64_t c = 0; c < Dh; ++c) o[c] = static_cast<T>(acc[i * Dh + c] * inv);
       }
     }
   });
