@@ -93,9 +93,10 @@ def decode_attention() -> list[str]:
         mask = torch.zeros(seqs, width * block_size).masked_fill_(keys > positions[:, None], float("-inf"))
         ctx = AttentionContext(k_cache, v_cache, positions, block_tables=tables, decode_mask=mask[:, None, None, :])
         q = torch.randn(seqs, heads, head_dim)
-        torch_us = per_call_us([lambda i=i: _decode(q, k_cache[i], v_cache[i], ctx) for i in range(layers)], reps=20)
-        op_us = per_call_us([lambda i=i: paged_decode_attention(module, q, k_cache[i], v_cache[i], tables, positions)
-                             for i in range(layers)], reps=20)
+        torch_us = per_call_us([lambda i=i, q=q, ctx=ctx: _decode(q, k_cache[i], v_cache[i], ctx)
+                                for i in range(layers)], reps=20)
+        op_us = per_call_us([lambda i=i, q=q, t=tables, p=positions: paged_decode_attention(
+                                 module, q, k_cache[i], v_cache[i], t, p) for i in range(layers)], reps=20)
         rows.append(f"| {seqs} | {context} | {torch_us:.0f} | {op_us:.0f} | {torch_us / op_us:.1f}x |")
     return rows
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +23,13 @@ class LoraBatchMeta:
     slot_starts_list: tuple[int, ...]
     slot_counts_list: tuple[int, ...]
     slot_ranks_list: tuple[int, ...]
+
+    def once(self, key: str, compute: Callable[[], Any]) -> Any:
+        """compute(), once per batch: the metadata is immutable and shared by every layer's call, so
+        a per-step decision (an environment or build lookup) is made once, not per projection."""
+        if key not in self.__dict__:
+            object.__setattr__(self, key, compute())
+        return self.__dict__[key]
 
     @property
     def num_lora_tokens(self) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels import cpu_kernel
 from kernels.cpu_lora import add_lora_cpu
 from kernels.metadata import LoraBatchMeta
 from kernels.reference import expand_ref, shrink_ref
@@ -97,21 +98,22 @@ def add_lora(
     b_stacks: Sequence[torch.Tensor],      # per slice: [S, out_i, R] (scaling folded in)
     meta: LoraBatchMeta,
     scale: torch.Tensor | None = None,     # [S] fp32 per-slot scale, None = 1
-    a_kmajor: torch.Tensor | None = None,  # [S, in, n * R]: the same A, input dimension first (CPU)
+    cpu_operands: cpu_kernel.Operands | None = None,  # the same A and B, prepared for the CPU kernel
 ) -> None:
     """y[t, slice i] += scale[slot] * (x[t] @ A_i[slot[t]]^T) @ B_i[slot[t]]^T for every token with slot >= 0.
 
     Rows of y whose token has slot -1 are not touched. B columns past a slot's real rank must be
     finite (the engine keeps them zero): the Triton expand may read up to 7 of them.
-    a_kmajor spares the CPU path from re-deriving, every call, that A's slices are columns of one
-    [S, in, n * R] buffer that one matmul shrinks (kernels.cpu_lora.kmajor); LoraSlots allocates
-    them that way on CPU.
+    cpu_operands (LoraSlots makes one per projection on CPU) holds A input-major ([S, in, n * R],
+    slices side by side, which one matmul shrinks) and the layout checked once, so the CPU kernel is
+    launched without per-call checks, and the torch fallback need not re-derive that layout.
     """
     if meta.max_count == 0:
         return
-    if not torch.compiler.is_compiling() and backend_for(x.device) == "torch":
+    if not torch.compiler.is_compiling() and meta.once("_backend", lambda: backend_for(x.device)) == "torch":
         # Eager CPU: the custom op would rebuild the host lists meta already holds.
-        add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, a_kmajor)
+        if cpu_operands is None or not cpu_operands.launch(y, x, meta, scale):
+            add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, cpu_operands.a_kmajor if cpu_operands else None)
         return
     args = meta.kernel_args
     v = torch.ops.loraplane.lora_shrink(x, list(a_stacks), *args)

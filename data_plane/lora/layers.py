@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import cpu_kernel
 from kernels.metadata import LoraBatchMeta
 from kernels.ops import add_lora
 from loraplane.adapter_format import NormalizedAdapter
@@ -42,6 +43,7 @@ class LoraLinear(nn.Module):
         kw = dict(dtype=w.dtype, device=w.device)
         n, r, d_in = len(out_slices), max_rank, w.shape[1]
         self.lora_a_kmajor: torch.Tensor | None = None
+        self.cpu_operands: cpu_kernel.Operands | None = None
         if w.device.type == "cpu":
             # Input dimension first for A ([S, in, slices x R], one slot's q, k and v columns side by side)
             # and B ([S, R, out]): the CPU bmm streams both without repacking (measured 1.8x faster
@@ -50,6 +52,7 @@ class LoraLinear(nn.Module):
             self.lora_a_kmajor = torch.zeros(max_loras, d_in, n * r, **kw)
             self.lora_a = tuple(self.lora_a_kmajor[:, :, i * r:(i + 1) * r].transpose(1, 2) for i in range(n))
             self.lora_b = tuple(torch.zeros(max_loras, r, out, **kw).transpose(1, 2) for out in out_slices)
+            self.cpu_operands = cpu_kernel.Operands(self.lora_a_kmajor, self.lora_b)
         else:
             self.lora_a = tuple(torch.zeros(max_loras, r, d_in, **kw) for _ in out_slices)
             self.lora_b = tuple(torch.zeros(max_loras, out, r, **kw) for out in out_slices)
@@ -57,8 +60,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.batch.meta
-        if meta is not None and meta.num_lora_tokens:
-            add_lora(y, x, self.lora_a, self.lora_b, meta, a_kmajor=self.lora_a_kmajor)
+        if meta is not None and meta.max_count:
+            add_lora(y, x, self.lora_a, self.lora_b, meta, cpu_operands=self.cpu_operands)
         return y
 
 

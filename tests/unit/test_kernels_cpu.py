@@ -191,6 +191,27 @@ def test_add_lora_takes_the_kernel_when_the_operands_allow(kernel_on):
     assert "_cpu_plan" in loose.__dict__
 
 
+def test_prepared_operands_launch_the_kernel_or_leave_it_to_the_fallback(kernel_on):
+    x, y, a, b, meta = make([0, 0, 1, 1, 2, 2])
+    a_t, a = kmajor_stacks(a)
+    operands = cpu_kernel.Operands(a_t, transposed_b(b))
+    assert operands.fits
+    got = y.clone()
+    assert operands.launch(got, x, meta)
+    torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
+    assert "_cpu_plan" not in meta.__dict__
+    # Operands the kernel cannot read in place: launch() declines and touches nothing; add_lora
+    # then takes the torch path, with the same result.
+    for xs, ys in ((x.t().contiguous().t(), y.clone()), (x.double(), y.double())):
+        untouched = ys.clone()
+        assert not operands.launch(ys, xs, meta) and torch.equal(ys, untouched)
+        add_lora(ys, xs, [t.to(xs.dtype) for t in a], [t.to(xs.dtype) for t in b], meta, cpu_operands=operands)
+        torch.testing.assert_close(ys.float(), reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
+    assert "_cpu_plan" in meta.__dict__
+    assert not cpu_kernel.Operands(a_t.transpose(1, 2), transposed_b(b)).fits  # A not k-major
+    assert not cpu_kernel.Operands(a_t, b).fits  # B [S, out, R] with R unit-stride
+
+
 def test_kernel_checks_its_operands(kernel_on):
     x, y, a, b, meta = make([0, 1, 1])
     a_t, a = kmajor_stacks(a)
@@ -250,7 +271,7 @@ def test_kernel_modes(monkeypatch, unbuildable, caplog):
     a_t, a = kmajor_stacks(a)
     assert not cpu_kernel.usable(y, x, a_t, transposed_b(b), meta)
     got = y.clone()
-    add_lora(got, x, a, transposed_b(b), meta, a_kmajor=a_t)
+    add_lora(got, x, a, transposed_b(b), meta, cpu_operands=cpu_kernel.Operands(a_t, transposed_b(b)))
     torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
     monkeypatch.setenv(cpu_kernel.ENV, "on")
     with pytest.raises(RuntimeError, match="cannot be built"):
