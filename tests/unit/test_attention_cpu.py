@@ -3,6 +3,11 @@ the torch path it replaces (models/attention.py: gather, then SDPA under a mask)
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +124,43 @@ def test_kernel_checks_its_operands(kernel):
         call(q, k_cache, v_cache, tables.int(), pos, 0, 0.125)
     with pytest.raises(RuntimeError, match="window"):
         call(q, k_cache, v_cache, tables, pos, -1, 0.125)
+
+
+GENERIC_BUILD = """
+import torch
+from kernels import cpu_kernel
+from kernels.cpu_attention import paged_decode_attention
+from kernels.metadata import LoraBatchMeta
+from kernels.reference import expand_ref, paged_decode_attention_ref, shrink_ref
+
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+module = cpu_kernel.extension()
+g = torch.Generator().manual_seed(0)
+k, v = torch.randn(32, 16, 4, 24, generator=g), torch.randn(32, 16, 4, 24, generator=g)
+tables = torch.stack([torch.randperm(32, generator=g)[:4] for _ in range(5)])
+pos, q = torch.tensor([0, 10, 33, 50, 63]), torch.randn(5, 8, 24, generator=g)
+for window in (None, 9):
+    torch.testing.assert_close(paged_decode_attention(module, q, k, v, tables, pos, window),
+                               paged_decode_attention_ref(q, k, v, tables, pos, window), rtol=1e-5, atol=1e-5)
+meta = LoraBatchMeta.build(torch.tensor([0, 1, 1, -1, 2]), [4, 4, 4])
+a, b = torch.randn(3, 40, 4, generator=g), torch.randn(3, 4, 20, generator=g)  # A k-major, B [S, R, out]
+x, y = torch.randn(5, 40, generator=g), torch.randn(5, 20, generator=g)
+a_stack, b_stack = a.transpose(1, 2), b.transpose(1, 2)  # [S, R, in], [S, out, R]
+expected = y.clone()
+expand_ref(expected, shrink_ref(x, (a_stack,), meta), (b_stack,), meta)
+cpu_kernel.add_lora(y, x, a, [b_stack], meta)
+torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_both_ops_build_and_agree_without_isa_flags(tmp_path):
+    """A host torch dispatches to none of the x86 ISAs with flags here (aarch64, or
+    ATEN_CPU_CAPABILITY=default): no -m flags and no CPU_CAPABILITY macro, so at::vec is generic."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", cpu_kernel.ENV: "on",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", GENERIC_BUILD], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]
