@@ -157,7 +157,8 @@ def _layout_fits(a_kmajor: torch.Tensor, b_stacks: Sequence[torch.Tensor]) -> bo
 
 
 def _call_fits(y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return x.dtype == dtype and y.dtype == dtype and x.stride(1) == 1 and y.stride(1) == 1
+    return (x.dtype == dtype and y.dtype == dtype and x.stride(1) == 1 and y.stride(1) == 1
+            and x.device.type == "cpu" and y.device.type == "cpu")
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, a_kmajor: torch.Tensor | None,

@@ -110,7 +110,7 @@ def add_lora(
     """
     if meta.max_count == 0:
         return
-    if not torch.compiler.is_compiling() and meta.once("_backend", lambda: backend_for(x.device)) == "torch":
+    if not torch.compiler.is_compiling() and meta.once(f"_backend_{x.device.type}", lambda: backend_for(x.device)) == "torch":
         # Eager CPU: the custom op would rebuild the host lists meta already holds.
         if cpu_operands is None or not cpu_operands.launch(y, x, meta, scale):
             add_lora_cpu(y, x, a_stacks, b_stacks, meta, scale, cpu_operands.a_kmajor if cpu_operands else None)

@@ -191,7 +191,7 @@ def test_add_lora_takes_the_kernel_when_the_operands_allow(kernel_on):
     assert "_cpu_plan" in loose.__dict__
 
 
-def test_prepared_operands_launch_the_kernel_or_leave_it_to_the_fallback(kernel_on):
+def test_prepared_operands_launch_the_kernel_or_leave_it_to_the_fallback(kernel_on, monkeypatch):
     x, y, a, b, meta = make([0, 0, 1, 1, 2, 2])
     a_t, a = kmajor_stacks(a)
     operands = cpu_kernel.Operands(a_t, transposed_b(b))
@@ -199,15 +199,31 @@ def test_prepared_operands_launch_the_kernel_or_leave_it_to_the_fallback(kernel_
     got = y.clone()
     assert operands.launch(got, x, meta)
     torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
+    # add_lora goes through them, skipping the generic path's per-call checks (usable()).
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "usable", lambda *args: pytest.fail("add_lora took the generic path"))
+        got = y.clone()
+        add_lora(got, x, a, transposed_b(b), meta, cpu_operands=operands)
+    torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
     assert "_cpu_plan" not in meta.__dict__
-    # Operands the kernel cannot read in place: launch() declines and touches nothing; add_lora
-    # then takes the torch path, with the same result.
-    for xs, ys in ((x.t().contiguous().t(), y.clone()), (x.double(), y.double())):
-        untouched = ys.clone()
-        assert not operands.launch(ys, xs, meta) and torch.equal(ys, untouched)
-        add_lora(ys, xs, [t.to(xs.dtype) for t in a], [t.to(xs.dtype) for t in b], meta, cpu_operands=operands)
-        torch.testing.assert_close(ys.float(), reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
+    # x with strided rows: launch() declines and touches nothing; add_lora then takes the torch
+    # path, with the same result.
+    strided = x.t().contiguous().t()
+    got = y.clone()
+    assert not operands.launch(got, strided, meta) and torch.equal(got, y)
+    add_lora(got, strided, a, transposed_b(b), meta, cpu_operands=operands)
+    torch.testing.assert_close(got, reference(x, y, a, b, meta), rtol=1e-5, atol=1e-4)
     assert "_cpu_plan" in meta.__dict__
+    # A dtype the kernel does not take: the layout does not fit, and the torch path runs on these buffers.
+    x64, y64, a64, b64, meta64 = make([0, 0, 1, 1, 2, 2], dtype=torch.float64)
+    a64_t, a64 = kmajor_stacks(a64)
+    doubles = cpu_kernel.Operands(a64_t, transposed_b(b64))
+    assert not doubles.fits
+    got = y64.clone()
+    add_lora(got, x64, a64, transposed_b(b64), meta64, cpu_operands=doubles)
+    torch.testing.assert_close(got, reference(x64, y64, a64, b64, meta64), rtol=1e-5, atol=1e-4)
+    # Tensors elsewhere than the CPU are never handed to the kernel.
+    assert not operands.launch(y.to("meta"), x, meta) and not operands.launch(y, x.to("meta"), meta)
     assert not cpu_kernel.Operands(a_t.transpose(1, 2), transposed_b(b)).fits  # A not k-major
     assert not cpu_kernel.Operands(a_t, b).fits  # B [S, out, R] with R unit-stride
 
