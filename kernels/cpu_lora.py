@@ -57,9 +57,10 @@ class Plan:
 
 def plan(meta: LoraBatchMeta) -> Plan:
     """The layout for this batch, built once: the metadata is immutable and shared by every layer."""
-    cached = meta.__dict__.get("_cpu_plan")
-    if cached is not None:
-        return cached
+    return meta.once("_cpu_plan", lambda: _build_plan(meta))
+
+
+def _build_plan(meta: LoraBatchMeta) -> Plan:
     slots, starts, counts, ranks = (meta.active_slots_list, meta.slot_starts_list, meta.slot_counts_list,
                                     meta.slot_ranks_list)
     first, groups, max_count = slots[0], slots[-1] - slots[0] + 1, meta.max_count
@@ -86,9 +87,7 @@ def plan(meta: LoraBatchMeta) -> Plan:
             row_of_token = torch.full((meta.token_slots.numel(),), groups * max_count, dtype=torch.int64)
             row_of_token[padded.flatten()[valid.flatten()]] = valid.flatten().nonzero().flatten()
             padded_ids, row_of_token = padded.flatten().to(device), row_of_token.to(device)
-    result = Plan(grouped, first, groups, max_count, rank, past_rank, lora_rows, padded_ids, row_of_token)
-    object.__setattr__(meta, "_cpu_plan", result)
-    return result
+    return Plan(grouped, first, groups, max_count, rank, past_rank, lora_rows, padded_ids, row_of_token)
 
 
 def kmajor(a_stacks: Sequence[torch.Tensor]) -> torch.Tensor | None:
