@@ -33,9 +33,11 @@ ARTIFACT_FORMAT = "loraplane.lora.v1"
 MAX_HEADER_BYTES = 64 << 20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# ASCII only: a Unicode digit ("layers.\u0663") is no layer index, and the length cap keeps a
+# 5,000-digit index from reaching int().
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\."
-    r"(\w+?)\.lora_(A|B)(?:\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.([0-9]{1,6})\.(self_attn|mlp)\."
+    r"(\w+?)\.lora_(A|B)(?:\.[\w-]+)?\.weight$", re.ASCII
 )
 # Tensor-name fragments of PEFT features loraplane does not serve, and the name to report.
 _UNSUPPORTED_KEYS = {
@@ -283,6 +285,8 @@ def normalize_peft(config: AdapterConfig, data: bytes, spec: ModelSpec, max_rank
                         f"target module(s) {', '.join(unknown)} do not exist in {spec.architecture}; "
                         f"LoRA can target {', '.join(LORA_MODULES)}", module=unknown[0])
     header = check_safetensors_header(data)
+    # (layer, module) -> {"A" | "B": (tensor name, shape)}: exactly the tensors checked here are the
+    # ones normalized below.
     found: dict[tuple[int, str], dict[str, tuple[str, list[int]]]] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -295,14 +299,24 @@ def normalize_peft(config: AdapterConfig, data: bytes, spec: ModelSpec, max_rank
         if not m:
             raise _fail(R.ERROR_REASON_ADAPTER_INCOMPATIBLE,
                         f"tensor {name} is not a LoRA weight of a {spec.architecture} projection")
-        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        layer, group, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if module not in LORA_MODULES:
             raise _fail(R.ERROR_REASON_ADAPTER_INCOMPATIBLE,
                         f"tensor {name} targets {module}, which {spec.architecture} does not have", module=module)
+        if group != _group(module):
+            raise _fail(R.ERROR_REASON_ADAPTER_INCOMPATIBLE,
+                        f"tensor {name}: {module} is under {_group(module)}, not {group}", module=module)
         if layer >= spec.num_layers:
             raise _fail(R.ERROR_REASON_ADAPTER_INCOMPATIBLE,
                         f"tensor {name} is for layer {layer}; the base model has {spec.num_layers} layers")
-        found.setdefault((layer, module), {})[which] = (info["dtype"], info["shape"])
+        pair = found.setdefault((layer, module), {})
+        if which in pair:
+            # Two names for one weight (PEFT's "lora_A.weight" and "lora_A.<adapter>.weight"): which
+            # one is meant is a guess, and a guess would let an unchecked tensor through.
+            raise _fail(R.ERROR_REASON_CORRUPT_WEIGHTS,
+                        f"two tensors for layer {layer} {module} lora_{which}: {pair[which][0]} and {name}",
+                        module=module)
+        pair[which] = (name, info["shape"])
     if not found:
         raise _fail(R.ERROR_REASON_CORRUPT_WEIGHTS, "the adapter holds no LoRA tensors")
     rank = 0
@@ -341,9 +355,8 @@ def normalize_peft(config: AdapterConfig, data: bytes, spec: ModelSpec, max_rank
     else:
         raise ValueError(f"artifact dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     tensors = {}
-    by_pair = {(int(m.group(1)), m.group(2), m.group(3)): t for n, t in raw.items() if (m := _KEY.match(n))}
-    for layer, module in sorted(found):
-        a, b = by_pair[(layer, module, "A")], by_pair[(layer, module, "B")]
+    for (layer, module), pair in sorted(found.items()):
+        a, b = raw[pair["A"][0]], raw[pair["B"][0]]
         # One reduction instead of an elementwise mask: NaN and Inf both survive a sum.
         if not (torch.isfinite(a.sum(dtype=torch.float32)) and torch.isfinite(b.sum(dtype=torch.float32))):
             raise _fail(R.ERROR_REASON_CORRUPT_WEIGHTS, f"layer {layer} {module} holds NaN or Inf")
@@ -364,6 +377,9 @@ def normalize_peft(config: AdapterConfig, data: bytes, spec: ModelSpec, max_rank
                              dtype=str(out_dtype).removeprefix("torch."))
 
 
+def _group(module: str) -> str:
+    return "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
 def _module_path(layer: int, module: str) -> str:
-    group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
+    return f"model.layers.{layer}.{_group(module)}.{module}"

@@ -124,3 +124,37 @@ def test_safetensors_header_check_is_total(blob):
         check_safetensors_header(blob)
     except LoraplaneError:
         pass
+
+
+def _rewrite_weights(path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+
+
+def _one_name(tensors: dict, fragment: str) -> str:
+    return next(n for n in sorted(tensors) if fragment in n)
+
+
+@pytest.mark.parametrize("edit,reason,says", [
+    # A second name for one weight, of another rank: whichever were kept, the other went unchecked.
+    (lambda t: t.__setitem__(_one_name(t, "q_proj.lora_A").replace(".weight", ".x.weight"),
+                             torch.randn(8, 64)), "CORRUPT_WEIGHTS", "two tensors for layer"),
+    (lambda t: t.__setitem__(_one_name(t, "q_proj.lora_A").replace("self_attn", "mlp"),
+                             t.pop(_one_name(t, "q_proj.lora_A"))), "ADAPTER_INCOMPATIBLE", "under self_attn"),
+    (lambda t: t.__setitem__(_one_name(t, "layers.0.self_attn.q_proj.lora_A").replace("layers.0.", "layers.\u0660."),
+                             t.pop(_one_name(t, "layers.0.self_attn.q_proj.lora_A"))),
+     "ADAPTER_INCOMPATIBLE", "is not a LoRA weight"),
+    (lambda t: t.__setitem__(_one_name(t, "layers.0.self_attn.q_proj.lora_A").replace("layers.0.", "layers." + "9" * 5000 + "."),
+                             t.pop(_one_name(t, "layers.0.self_attn.q_proj.lora_A"))),
+     "ADAPTER_INCOMPATIBLE", "is not a LoRA weight"),
+], ids=["duplicate-name", "wrong-group", "unicode-digit", "5000-digit-layer"])
+def test_tensor_names_that_could_smuggle_unchecked_weights_are_refused(model, spec, tmp_path, edit, reason, says):
+    path = make_peft_adapter(model, tmp_path / "a", r=4, target_modules=("q_proj",))
+    _rewrite_weights(path, edit)
+    with pytest.raises(LoraplaneError) as e:
+        normalize_peft_dir(path, spec, max_rank=16)
+    assert e.value.reason_name == reason and says in str(e.value)
