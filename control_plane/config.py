@@ -7,8 +7,9 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from loraplane.auth import load_token
+from loraplane.auth import check_token, load_token
 from loraplane.grpc_server import HEALTH_LISTEN_HELP, check_address
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "loraplane" / "control-plane"
@@ -64,6 +65,9 @@ class ControlPlaneConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        for name in ("admin_token", "distribution_token"):
+            if getattr(self, name) is not None:
+                check_token(getattr(self, name), name)
         self.data_dir = Path(self.data_dir)
         self.artifact_dir = Path(self.artifact_dir) if self.artifact_dir else self.data_dir / "artifacts"
         self.allowed_roots = tuple(Path(r).resolve() for r in self.allowed_roots)
@@ -71,7 +75,19 @@ class ControlPlaneConfig:
     def __repr__(self) -> str:
         # Tokens must never reach logs, even through a debug print of the config.
         shown = {k: ("***" if k.endswith("token") and v else v) for k, v in self.__dict__.items()}
+        if self.redis_url:
+            shown["redis_url"] = redact_url(self.redis_url)
         return f"ControlPlaneConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 
 import torch
@@ -101,11 +102,19 @@ class ControlPlane:
     def _generated_admin_token(self) -> str:
         # Secure by default: never run the admin API open. The token goes to a 0600 file, not the log.
         path = self.config.data_dir / "admin-token"
-        if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(32) + "\n", encoding="utf-8")
+        token = path.read_text(encoding="utf-8").strip() if path.exists() else ""
+        if not token:
+            # Empty (a crash mid-write, or a hand-made file): an empty token would accept an empty header.
+            if path.exists():
+                logger.warning("%s is empty; writing a new admin token", path)
+            token = secrets.token_urlsafe(32)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(token + "\n")
+            os.replace(tmp, path)  # whole or absent, never half-written
         logger.warning("no admin token configured; using the one in %s", path)
-        return path.read_text(encoding="utf-8").strip()
+        return token
 
     async def _watch_health(self) -> None:
         """Ready only while Redis answers; flips back on its own when Redis returns."""

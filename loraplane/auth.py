@@ -29,8 +29,19 @@ def load_token(value: str | None = None, env_var: str | None = None, file: str |
     return None
 
 
+def check_token(token: str, what: str = "a bearer token") -> str:
+    """A usable bearer token, or ValueError: an empty one would let an empty header through, and
+    anything outside visible ASCII cannot travel in a gRPC header (grpc fails the call with INTERNAL)."""
+    if not token:
+        raise ValueError(f"{what} must not be empty")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"{what} must be visible ASCII characters only (no spaces, newlines or "
+                         "non-ASCII); check the flag, env var or file it came from")
+    return token
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
-    return ((AUTH_HEADER, f"Bearer {token}"),)
+    return ((AUTH_HEADER, f"Bearer {check_token(token)}"),)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -41,7 +52,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens_by_service: dict[str, Iterable[str]]):
         # service full name -> accepted tokens; services not listed are open.
-        self._tokens = {svc: [t.encode() for t in toks] for svc, toks in tokens_by_service.items() if toks}
+        self._tokens = {svc: [check_token(t).encode() for t in toks] for svc, toks in tokens_by_service.items() if toks}
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         service = details.method.rsplit("/", 1)[0].lstrip("/")

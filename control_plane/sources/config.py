@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def _check_url(name: str, value: str | None) -> str | None:
@@ -12,6 +13,10 @@ def _check_url(name: str, value: str | None) -> str | None:
         return None
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         raise ValueError(f"{name} must be an http:// or https:// URL")
+    if "@" in urlsplit(value).netloc:
+        # The endpoint is quoted in source errors, which reach records, clients and logs.
+        raise ValueError(f"{name} must not carry credentials (user:password@); give them as the "
+                         "source's token or keys (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     return value.rstrip("/")
 
 

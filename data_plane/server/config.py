@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_plane.lora.fetcher import FetcherConfig
-from loraplane.auth import load_token
+from loraplane.auth import check_token, load_token
 from loraplane.grpc_server import HEALTH_LISTEN_HELP, check_address
 from loraplane.tls import ClientTlsFiles
 
@@ -65,6 +65,9 @@ class DataPlaneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("admin_token", "distribution_token"):
+            if getattr(self, name) is not None:
+                check_token(getattr(self, name), name)
         budget = self.max_num_batched_tokens
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {budget!r}")

@@ -21,6 +21,7 @@ from loraplane.embedded_redis import free_port
 from loraplane.errors import LoraplaneError
 from loraplane.v1 import distribution_service_pb2 as dist_pb2
 from loraplane.v1 import registry_service_pb2 as reg_pb2
+from loraplane.v1 import registry_service_pb2_grpc as reg_grpc
 
 S = grpc.StatusCode
 REPO = Path(__file__).resolve().parents[2]
@@ -427,3 +428,54 @@ def test_a_fifo_planted_as_weights_is_refused_without_blocking(cp, adapter_root,
         expect(lambda: c.create_adapter("fifo", str(planted), wait=True), S.INVALID_ARGUMENT, "INVALID_ADAPTER_CONFIG")
         assert time.monotonic() - t0 < 10
         assert c.create_adapter("after-fifo", str(good_adapter), wait=True).state == 4
+
+
+@pytest.mark.parametrize("existing", [None, "", " \n"], ids=["no-file", "empty-file", "blank-file"])
+def test_a_generated_admin_token_is_never_empty(cp_factory, tmp_path, existing):
+    """With no token configured the control plane makes one; an empty file (a crash mid-write, or
+    made by hand) must not become an empty token that an empty `Bearer ` header would match."""
+    path = tmp_path / "cp" / "admin-token"
+    if existing is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(existing)
+    cp = cp_factory(admin_token=None)
+    token = path.read_text().strip()
+    assert cp.token == token and len(token) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    with grpc.insecure_channel(cp.address) as channel:
+        stub = reg_grpc.AdapterRegistryServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer "),), (("authorization", "bearer"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListAdapters(reg_pb2.ListAdaptersRequest(), metadata=metadata)
+            assert e.value.code() == S.UNAUTHENTICATED
+    with cp.client() as c:
+        assert list(c.list_adapters()) == []
+    cp.stop()
+    assert cp_factory(admin_token=None).token == token, "a restart keeps the generated token"
+
+
+@pytest.mark.parametrize("token", ["", "has space", "two\nlines", "caf\u00e9"])
+def test_unusable_tokens_are_refused_where_they_are_configured(base_model, tmp_path, token):
+    from control_plane.config import ControlPlaneConfig
+    from data_plane.server.config import DataPlaneConfig
+    from loraplane.auth import BearerTokenInterceptor
+
+    for field in ("admin_token", "distribution_token"):
+        with pytest.raises(ValueError, match=field):
+            ControlPlaneConfig(base_model=str(base_model), data_dir=tmp_path, **{field: token})
+        with pytest.raises(ValueError, match=field):
+            DataPlaneConfig(model=str(base_model), control_plane="127.0.0.1:1", **{field: token})
+    with pytest.raises(ValueError):
+        BearerTokenInterceptor({"loraplane.v1.AdapterRegistryService": [token]})
+    with pytest.raises(ValueError, match="bearer token"):
+        Client("127.0.0.1:1", token or " ")
+
+
+def test_control_plane_config_repr_hides_the_redis_password(base_model, tmp_path):
+    from control_plane.config import ControlPlaneConfig
+
+    config = ControlPlaneConfig(base_model=str(base_model), data_dir=tmp_path, admin_token="t0k3n-x",
+                                redis_url="redis://default:hunter2@redis.local:6379/0")
+    shown = repr(config)
+    assert "hunter2" not in shown and "t0k3n-x" not in shown
+    assert "redis://default:***@redis.local:6379/0" in shown

@@ -176,6 +176,8 @@ def test_valid_specs_round_trip(org, name, rev, s3_key, path):
     {"allowed_roots": ("relative",)}, {"allowed_roots": "/srv"}, {"s3_key": "k"}, {"s3_secret": "s"},
     {"s3_anon": True, "s3_key": "k", "s3_secret": "s"}, {"max_bytes": 0}, {"max_bytes": True},
     {"timeout_s": float("nan")}, {"timeout_s": 0}, {"hf_endpoint": "ftp://x"}, {"hf_token": ""},
+    {"hf_endpoint": "http://user:pw@hub.local"}, {"s3_endpoint_url": "https://AKIA0:secret@s3.local"},
+    {"hf_endpoint": "https://token@hub.local"},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
