@@ -36,13 +36,17 @@ class DistributionServicer(distribution_service_pb2_grpc.AdapterDistributionServ
 
     async def follow_events(self) -> None:
         """Invalidate on changes made through any replica; the TTL bounds staleness if this lags."""
-        after = await self.registry.last_event_id()
+        after = None
         while True:
             try:
+                if after is None:
+                    after = await self.registry.last_event_id()
                 for event_id, data in await self.registry.read_events(after, 1000):
                     after = event_id
                     self.invalidate(data.get("name", ""))
-            except LoraplaneError:
+            except LoraplaneError as e:
+                # Events may have been missed: forget every manifest rather than serve one stale.
+                logger.warning("resolve cache: cannot follow registry events (%s); retrying in 1 s", e)
                 self._manifests.clear()
                 await asyncio.sleep(1.0)
 

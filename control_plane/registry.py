@@ -139,6 +139,14 @@ def _unavailable(fn):
             if _broken_connection(e):
                 await self.drop_idle_connections()
             raise LoraplaneError(R.ERROR_REASON_REGISTRY_UNAVAILABLE, f"the registry (Redis) is unavailable: {e}") from e
+        except redis_errors.ResponseError as e:
+            # OOM under maxmemory/noeviction, READONLY on a demoted primary, MASTERDOWN: Redis is up but
+            # will not take the command. Both refuse a script at its first write, so it wrote nothing
+            # and the caller can retry; an UNKNOWN status with Redis's raw text helped no one.
+            _raise_if_cancelling()
+            logger.error("registry %s: Redis refused the command: %s", fn.__name__, e)
+            raise LoraplaneError(R.ERROR_REASON_REGISTRY_UNAVAILABLE,
+                                 f"the registry (Redis) refused the command: {e}") from e
         _raise_if_cancelling()
         return result
 

@@ -136,6 +136,9 @@ class ControlPlane:
                 await self.ingestor.resume_orphans()
             except LoraplaneError as e:
                 logger.debug("orphan sweep skipped: %s", e)
+            except Exception:
+                # Only this process resumes what a dead replica left PENDING: the loop must outlive a bug.
+                logger.exception("orphan sweep failed; trying again in %d s", SWEEP_INTERVAL_S)
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def stop(self) -> None:

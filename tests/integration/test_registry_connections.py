@@ -90,3 +90,33 @@ def test_a_write_on_a_stale_connection_fails_once_changes_nothing_and_the_next_o
     assert unchanged.pinned is False
     assert pinned.pinned is True
     assert [r.name for r in created] == [f"b{i}" for i in range(POOLED)]
+
+
+def test_redis_refusing_writes_is_registry_unavailable_and_changes_nothing(private_redis, cp_factory, good_adapter):
+    """OOM under maxmemory with noeviction (the chart's setting) or READONLY after a failover: Redis
+    answers, but with an error reply. Callers get UNAVAILABLE/REGISTRY_UNAVAILABLE, not UNKNOWN with
+    Redis's raw text, and the control plane's background loops live on."""
+    import grpc
+
+    cp = cp_factory(redis_url=private_redis)
+    with cp.client() as c:
+        c.create_adapter("before", str(good_adapter), wait=True)
+    with redis.Redis.from_url(private_redis) as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            with cp.client() as c:
+                with pytest.raises(LoraplaneError) as e:
+                    c.create_adapter("during", str(good_adapter), wait=True)
+                assert e.value.code == grpc.StatusCode.UNAVAILABLE
+                assert e.value.reason_name == "REGISTRY_UNAVAILABLE" and "OOM" in str(e.value)
+                with pytest.raises(LoraplaneError) as e:
+                    c.pin_adapter("before")
+                assert e.value.reason_name == "REGISTRY_UNAVAILABLE"
+                assert [a.name for a in c.list_adapters()] == ["before"]  # reads still work
+                assert not c.get_adapter("before").pinned
+        finally:
+            admin.config_set("maxmemory", 0)
+    with cp.client() as c:
+        assert c.create_adapter("after", str(good_adapter), wait=True).name == "after"
+    assert not [t.get_name() for t in cp.plane._background if t.done()]
