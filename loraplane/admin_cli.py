@@ -27,7 +27,7 @@ def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = 
     p.add_argument("--client-cert", type=Path,
                    help="client certificate (PEM) for a server that requires mTLS; needs --client-key, implies --tls")
     p.add_argument("--client-key", type=Path, help="private key (PEM) of --client-cert")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (register --wait has none: it waits for READY or the failure)")
 
 
 def connect(args) -> Client:

@@ -16,16 +16,17 @@ AUTH_HEADER = "authorization"
 
 
 def load_token(value: str | None = None, env_var: str | None = None, file: str | Path | None = None) -> str | None:
-    """A token from a flag value, else an env var, else a file (first line, trimmed)."""
+    """A token from a flag value, else a file (first line, trimmed), else an env var: a flag given on
+    the command line wins over an exported variable left over in the shell."""
     if value:
         return value
-    if env_var and os.environ.get(env_var):
-        return os.environ[env_var]
     if file:
         token = Path(file).read_text(encoding="utf-8").strip()
         if not token:
             raise ValueError(f"token file {file} is empty")
         return token
+    if env_var and os.environ.get(env_var):
+        return os.environ[env_var]
     return None
 
 

@@ -111,6 +111,17 @@ def _verified(chunks: list[bytes], digest: str, version: str) -> bytes:
     return data
 
 
+class _ClientTimeout:
+    """A call's default deadline: the client's own. None means no deadline at all, so it cannot
+    stand for "not given" (a register --wait on a large Hub adapter was cut off at 60 s)."""
+
+    def __repr__(self) -> str:
+        return "CLIENT_TIMEOUT"
+
+
+CLIENT_TIMEOUT = _ClientTimeout()
+
+
 class _Stubs:
     """The four service stubs over one channel, and the per-call metadata and deadline."""
 
@@ -122,8 +133,8 @@ class _Stubs:
         self.generation = gen_grpc.GenerationServiceStub(channel)
         self.cache = cache_grpc.AdapterCacheServiceStub(channel)
 
-    def _kw(self, timeout=None):
-        return {"metadata": self.metadata, "timeout": timeout or self.timeout}
+    def _kw(self, timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT):
+        return {"metadata": self.metadata, "timeout": self.timeout if timeout is CLIENT_TIMEOUT else timeout}
 
 
 class Client(_Stubs):
@@ -146,7 +157,8 @@ class Client(_Stubs):
 
     @_raising
     def create_adapter(self, name: str, source: str, *, revision: str = "", wait: bool = False,
-                       pinned: bool = False, base_model: str = "", timeout: float | None = None) -> adapter_pb2.Adapter:
+                       pinned: bool = False, base_model: str = "",
+                       timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT) -> adapter_pb2.Adapter:
         req = reg_pb2.CreateAdapterRequest(name=name, source=source, revision=revision, wait=wait, pinned=pinned,
                                            base_model=base_model)
         return self.registry.CreateAdapter(req, **self._kw(timeout)).adapter
@@ -208,7 +220,8 @@ class Client(_Stubs):
     # ---- data plane -----------------------------------------------------------------------
 
     @_raising
-    def generate(self, prompt: str | list[int], adapter: str = "", *, timeout: float | None = None,
+    def generate(self, prompt: str | list[int], adapter: str = "", *,
+                 timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT,
                  **sampling) -> Iterator[gen_pb2.GenerateResponse]:
         """Stream a generation; closing the iterator cancels the request on the server."""
         call = self.generation.Generate(generate_request(prompt, adapter, **sampling), **self._kw(timeout))
@@ -261,7 +274,8 @@ class AsyncClient(_Stubs):
 
     @_raising
     async def create_adapter(self, name: str, source: str, *, revision: str = "", wait: bool = False,
-                             pinned: bool = False, base_model: str = "", timeout: float | None = None):
+                             pinned: bool = False, base_model: str = "",
+                             timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT):
         req = reg_pb2.CreateAdapterRequest(name=name, source=source, revision=revision, wait=wait, pinned=pinned,
                                            base_model=base_model)
         return (await self.registry.CreateAdapter(req, **self._kw(timeout))).adapter
@@ -318,7 +332,8 @@ class AsyncClient(_Stubs):
         return _verified(chunks, digest, version)
 
     @_raising
-    async def generate(self, prompt: str | list[int], adapter: str = "", *, timeout: float | None = None,
+    async def generate(self, prompt: str | list[int], adapter: str = "", *,
+                       timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT,
                        **sampling) -> AsyncIterator[gen_pb2.GenerateResponse]:
         call = self.generation.Generate(generate_request(prompt, adapter, **sampling), **self._kw(timeout))
         try:

@@ -188,3 +188,24 @@ def test_orphan_sweep_does_not_steal_a_fresh_registration(cp, good_adapter):
                 break
             time.sleep(0.05)
         assert c.get_adapter("racer").version.startswith("sha256:")
+
+
+def test_timeout_none_means_no_deadline_and_the_default_is_the_clients(cp, good_adapter):
+    """register --wait passes timeout=None: it must wait as long as the ingest takes, not the
+    client's 60 s default; calls that name no timeout keep the client's."""
+    with cp.client(timeout=0.001) as c:
+        assert c.create_adapter("nodeadline", str(good_adapter), wait=True, timeout=None).state == READY
+        with pytest.raises(LoraplaneError) as e:
+            c.create_adapter("defaulted", str(good_adapter), wait=True)
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_an_explicit_token_flag_or_file_wins_over_the_environment(tmp_path, monkeypatch):
+    from loraplane.auth import load_token
+
+    monkeypatch.setenv("LORAPLANE_ADMIN_TOKEN", "stale-from-the-shell")
+    path = tmp_path / "token"
+    path.write_text("from-the-file\n")
+    assert load_token("from-the-flag", "LORAPLANE_ADMIN_TOKEN", path) == "from-the-flag"
+    assert load_token(None, "LORAPLANE_ADMIN_TOKEN", path) == "from-the-file"
+    assert load_token(None, "LORAPLANE_ADMIN_TOKEN", None) == "stale-from-the-shell"
