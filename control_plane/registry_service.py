@@ -93,14 +93,19 @@ class RegistryServicer(registry_service_pb2_grpc.AdapterRegistryServiceServicer)
             await abort(context, e)
 
     async def _forget(self, name: str) -> None:
+        # By etag: another admin may register the name again between the read and the delete (a
+        # FAILED record can be replaced), and that registration must survive this cleanup.
         try:
             record = await self.registry.get(name)
             if record.state == "FAILED":
                 if record.pinned:
-                    await self.registry.set_pinned(name, False)
-                await self.registry.delete(name)
+                    record = await self.registry.set_pinned(name, False, record.etag)
+                await self.registry.delete(name, record.etag)
         except LoraplaneError as e:
-            logger.warning("could not remove failed adapter %s: %s", name, e)
+            if e.reason in (R.ERROR_REASON_ETAG_MISMATCH, R.ERROR_REASON_ADAPTER_NOT_FOUND):
+                logger.info("failed adapter %s changed meanwhile (registered again?); left as it is", name)
+            else:
+                logger.warning("could not remove failed adapter %s: %s", name, e)
 
     async def GetAdapter(self, request, context):
         try:

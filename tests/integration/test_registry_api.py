@@ -209,3 +209,17 @@ def test_an_explicit_token_flag_or_file_wins_over_the_environment(tmp_path, monk
     assert load_token("from-the-flag", "LORAPLANE_ADMIN_TOKEN", path) == "from-the-flag"
     assert load_token(None, "LORAPLANE_ADMIN_TOKEN", path) == "from-the-file"
     assert load_token(None, "LORAPLANE_ADMIN_TOKEN", None) == "stale-from-the-shell"
+
+
+def test_a_failed_pinned_register_with_wait_leaves_nothing(cp, adapter_root):
+    broken = adapter_root / "no-config-for-pinning"
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    with cp.client() as c:
+        with pytest.raises(LoraplaneError) as e:
+            c.create_adapter("badpin", str(broken), wait=True, pinned=True)
+        assert e.value.reason_name == "INVALID_ADAPTER_CONFIG"
+        with pytest.raises(LoraplaneError) as e:
+            c.get_adapter("badpin")
+        assert e.value.reason_name == "ADAPTER_NOT_FOUND"
+    assert cp.thread.call(cp.plane.registry.pinned_names()) == []
