@@ -91,15 +91,19 @@ class DistributionServicer(distribution_service_pb2_grpc.AdapterDistributionServ
                 raise invalid_argument("version", "version is required; get it from ResolveAdapter")
             _, version = parse_reference(f"{name}@{request.version}", "version")
             await self._ready(name, version)
-            total = self.store.size(version)
-            if not 0 <= request.offset <= total:
-                raise invalid_argument("offset", f"offset must be in [0, {total}]")
+            try:
+                total = self.store.size(version)
+                f = await asyncio.to_thread(open, self.store.path(version), "rb")
+            except FileNotFoundError:
+                # Deleted between the check above and here; the path is the server's business.
+                raise LoraplaneError(R.ERROR_REASON_ADAPTER_NOT_READY,
+                                     f"adapter {name!r} at {version} was deleted meanwhile", {"name": name}) from None
             # Hash everything we serve, the skipped prefix included, so the digest on the last
             # message proves the bytes on disk are still the registered version.
             hasher = hashlib.sha256()
-            path = self.store.path(version)
-            f = await asyncio.to_thread(open, path, "rb")
             try:
+                if not 0 <= request.offset <= total:
+                    raise invalid_argument("offset", f"offset must be in [0, {total}]")
                 prefix = request.offset
                 while prefix:
                     block = await asyncio.to_thread(f.read, min(prefix, CHUNK_SIZE * 8))

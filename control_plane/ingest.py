@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from control_plane.artifact_store import ArtifactStore
 from control_plane.registry import ACTIVE_STATES, AdapterRecord, Registry
 from control_plane.sources import SourceConfig, SourceSpec, fetch_source, parse_source
@@ -82,7 +84,7 @@ class Ingestor:
                 logger.exception("adapter %s: unexpected error while ingesting", name)
                 await self._mark_failed(name, "UNSPECIFIED", f"internal error ({type(e).__name__}); see control-plane log",
                                         owner)
-                return LoraplaneError(0, f"internal error while ingesting {name!r}")
+                return LoraplaneError(0, f"internal error while ingesting {name!r}", code=grpc.StatusCode.INTERNAL)
             finally:
                 renew.cancel()
 

@@ -55,6 +55,10 @@ def fetch_local(spec: SourceSpec, config: SourceConfig, dest: Path) -> FetchedAd
             sizes[name] = os.stat(path).st_size
         except FileNotFoundError:
             continue  # a dangling symlink is a missing file
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink loop never resolves to a place inside the roots
+                raise not_allowed(f"{name} in local source {spec.location}", config) from e
+            raise unreachable(source, f"cannot read {name} in local source {spec.location}: {e.strerror}") from e
     check_listing(sizes, config.max_bytes, source)
     for name in ADAPTER_FILES:
         _copy_file(os.path.join(src, name), dest / name, name, config, source)

@@ -251,6 +251,12 @@ def test_local_refusals(adapter_dir, tmp_path, dest):
     shutil.copy(adapter_dir / CONFIG_FILE, root / "sneaky" / CONFIG_FILE)
     (root / "sneaky" / WEIGHTS_FILE).symlink_to(adapter_dir / WEIGHTS_FILE)
     raises(R.ERROR_REASON_SOURCE_NOT_ALLOWED, fetch_source, parse_source(str(root / "sneaky")), config, dest)
+    # A weights file that is a symlink loop inside the root: refused, not an internal error.
+    (root / "loop").mkdir()
+    shutil.copy(adapter_dir / CONFIG_FILE, root / "loop" / CONFIG_FILE)
+    (root / "loop" / WEIGHTS_FILE).symlink_to(root / "loop" / "other")
+    (root / "loop" / "other").symlink_to(root / "loop" / WEIGHTS_FILE)
+    raises(R.ERROR_REASON_SOURCE_NOT_ALLOWED, fetch_source, parse_source(str(root / "loop")), config, dest)
     (dest / "x").touch()
     with pytest.raises(ValueError):
         fetch_source(parse_source(str(root / "big")), config, dest)
