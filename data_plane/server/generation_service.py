@@ -53,6 +53,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self.max_queue = max_queue
         self.active = 0
         self.draining = False
+        # Client request ids of the calls in flight: a second call with one of them is refused, as
+        # its stream and aborts would otherwise be confused with the first call's.
+        self._client_ids: set[str] = set()
 
     async def wait_drained(self, timeout_s: float) -> bool:
         """Wait until no Generate call is in flight; False if timeout_s ran out first."""
@@ -73,24 +76,29 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             await abort(context, LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
                                                 f"{self.active} requests already queued or running; retry later"))
         rid = request.request_id or uuid.uuid4().hex
+        # The engine knows the request by an id of our own, never the client's: a retry that reuses
+        # the id of a call still being torn down must not receive that call's outputs or aborts.
+        engine_id = uuid.uuid4().hex
         lease = None
         finished = False
-        submitted = False  # only then is `rid` ours to abort: it may be another caller's request id
+        submitted = False
+        holds_id = False
         self.active += 1
         try:
             if len(rid) > MAX_REQUEST_ID:
                 raise invalid_argument("request_id", f"request_id is over {MAX_REQUEST_ID} characters")
+            if rid in self._client_ids:
+                raise invalid_argument("request_id", "a request with this request_id is still in flight on this "
+                                                     "replica; give each request its own id")
+            self._client_ids.add(rid)
+            holds_id = True
             prompt = prompt_from_proto(request)
             sampling = sampling_from_proto(request.sampling)
             if request.adapter:
                 lease = await self.cache.acquire(request.adapter)
             self.metrics.adapter_requests.labels(lease.name if lease else "").inc()
             submitted = True
-            try:
-                outputs = await self.loop.submit(prompt, sampling, lease.key if lease else None, rid)
-            except LoraplaneError:
-                submitted = False  # refused by the engine (e.g. a request id in use): nothing was queued
-                raise
+            outputs = await self.loop.submit(prompt, sampling, lease.key if lease else None, engine_id)
             self.metrics.queue_seconds.observe(time.perf_counter() - arrival)
             last = None
             while not finished:
@@ -115,8 +123,11 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             await abort(context, e)
         finally:
             self.active -= 1
+            if holds_id:
+                self._client_ids.discard(rid)
             if submitted and not finished:
                 # Cancelled, past its deadline, or failed: free its KV blocks and slot now, not later.
-                self.loop.call(lambda engine: engine.abort(rid))
+                # (If the engine refused it, or the add was cancelled before it ran, this is a no-op.)
+                self.loop.call(lambda engine: engine.abort(engine_id))
             if lease is not None:
                 self.cache.release(lease)
