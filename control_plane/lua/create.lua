@@ -16,4 +16,9 @@ redis.call('ZADD', KEYS[4], 0, ARGV[1])
 if ARGV[4] == '1' then redis.call('ZADD', KEYS[6], 0, ARGV[1]) end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'type', 'CREATED', 'name', ARGV[1],
                       'version', '', 'time', ARGV[2])
+if ARGV[4] == '1' then
+  -- Watchers learn of pins from PINNED events: a data plane holds the pin until the adapter is READY.
+  id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'type', 'PINNED', 'name', ARGV[1],
+                  'version', '', 'time', ARGV[2])
+end
 return {'OK', id}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from control_plane.registry import Registry
 from data_plane.lora.adapter_cache import AdapterCache, Lease, adapter_key
@@ -19,6 +20,9 @@ from loraplane.v1 import errors_pb2 as R
 logger = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
 RETRY_S = 1.0
+# A pin that could not take its adapter (not READY yet, control plane down) is tried again on the
+# adapter's READY event, and at this interval: a fetch that fails can take a while, and events wait.
+PIN_RETRY_S = 10.0
 
 
 class RegistryWatcher:
@@ -27,6 +31,8 @@ class RegistryWatcher:
         self.cache = cache
         self.loop = loop
         self._pins: dict[str, Lease] = {}  # name -> the lease that keeps a pinned adapter CPU-resident
+        self._deferred: set[str] = set()   # pinned in the registry, not held here yet
+        self._retry_at = 0.0
         self.last_id = ""
         self.connected = False
         self.applied = 0
@@ -43,6 +49,10 @@ class RegistryWatcher:
                     await self.apply(data)
                     self.last_id = event_id
                     self.applied += 1
+                if self._deferred and time.monotonic() >= self._retry_at:
+                    self._retry_at = time.monotonic() + PIN_RETRY_S
+                    for name in sorted(self._deferred):
+                        await self.pin(name)
             except LoraplaneError as e:
                 if e.reason == R.ERROR_REASON_REGISTRY_UNAVAILABLE:
                     if self.connected:
@@ -65,7 +75,7 @@ class RegistryWatcher:
                 current = ""
             if current != version:
                 await self.retire(name)
-        for name in set(self._pins) - pinned:
+        for name in (set(self._pins) | self._deferred) - pinned:
             await self.unpin(name)
         for name in pinned - set(self._pins):
             await self.pin(name)
@@ -84,6 +94,8 @@ class RegistryWatcher:
                 await self.retire(name)
                 if was_pinned:
                     await self.pin(name)
+            if name in self._deferred:
+                await self.pin(name)
         elif kind == "PINNED":
             await self.pin(name)
         elif kind == "UNPINNED":
@@ -100,25 +112,39 @@ class RegistryWatcher:
             return
         try:
             lease = await self.cache.acquire(name)
-        except LoraplaneError as e:  # not READY yet, or gone again: its READY event pins it later
-            logger.info("pin of %s deferred: %s", name, e.message)
+        except LoraplaneError as e:
+            # Not READY yet (registered with --pin), or the control plane is down: its READY event,
+            # or the next retry, pins it. A DELETED event or a reconcile drops it.
+            if name not in self._deferred:
+                logger.info("pin of %s deferred: %s", name, e.message)
+            self._deferred.add(name)
             return
+        self._deferred.discard(name)
         self._pins[name] = lease
         self.cache.pinned.add(name)
-
-        def place(_engine) -> bool:
-            if not self.loop.slots.pin(lease.key):
-                return False
-            return self.loop.promote(lease.key)
-
-        on_gpu = await self.loop.acall(place)
+        on_gpu = await self.loop.acall(lambda _e: self._place(lease.key))
         logger.info("adapter %s pinned (%s)", lease.key, "GPU and CPU" if on_gpu else "CPU; GPU pin budget full")
 
+    def _place(self, key: str) -> bool:
+        """On the engine thread: hold `key` in a GPU slot, if the pin budget allows."""
+        if not self.loop.slots.pin(key):
+            return False
+        return self.loop.promote(key)
+
     async def unpin(self, name: str) -> None:
+        self._deferred.discard(name)
         lease = self._pins.pop(name, None)
         self.cache.pinned.discard(name)
         if lease is None:
             return
-        await self.loop.acall(lambda _e: self.loop.slots.unpin(lease.key))
+        waiting = [other.key for other in self._pins.values()]
+
+        def release(_engine) -> list[str]:
+            self.loop.slots.unpin(lease.key)
+            # The freed budget goes to a pin that found it full: pinned in the CPU tier only, till now.
+            return [key for key in waiting if key not in self.loop.slots.pinned and self._place(key)]
+
+        upgraded = await self.loop.acall(release)
         self.cache.release(lease)
-        logger.info("adapter %s unpinned", adapter_key(lease.name, lease.version))
+        logger.info("adapter %s unpinned%s", adapter_key(lease.name, lease.version),
+                    f"; {', '.join(upgraded)} now pinned on the GPU" if upgraded else "")

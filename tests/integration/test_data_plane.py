@@ -166,6 +166,29 @@ def test_pin_survives_cache_pressure(plane, oracle):
     assert wait_for(lambda: not cached(dp).get("alpha", cache_pb2.CachedAdapter()).pinned)
 
 
+def test_register_pinned_reaches_the_data_plane_and_a_freed_pin_budget_is_reused(plane):
+    """A pin given at registration is applied once the adapter is READY (it used to wait for a
+    reconcile); a pin that found the GPU pin budget full (max_pinned_loras 1 here) moves onto the
+    GPU when the budget frees."""
+    cp, dp = plane
+    gpu = cache_pb2.CACHE_TIER_GPU
+
+    def entry(name):
+        return cached(dp).get(name, cache_pb2.CachedAdapter())
+
+    with cp.client() as admin:
+        admin.create_adapter("delta", str(cp.config.allowed_roots[0] / "dp-beta"), wait=True, pinned=True)
+    assert wait_for(lambda: entry("delta").pinned and gpu in entry("delta").tiers)
+    with cp.client() as admin:
+        admin.pin_adapter("alpha")
+    assert wait_for(lambda: entry("alpha").pinned)
+    assert gpu not in entry("alpha").tiers
+    with cp.client() as admin:
+        admin.unpin_adapter("delta")
+    assert wait_for(lambda: gpu in entry("alpha").tiers and entry("alpha").pinned)
+    assert dp.plane.engine_loop.slots.pinned == {entry("alpha").name + "@" + entry("alpha").version}
+
+
 def test_delete_during_traffic(plane, oracle):
     cp, dp = plane
     with dp.client() as c:
