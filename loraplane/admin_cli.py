@@ -17,17 +17,25 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = DEFAULT_ADDRESS,
-                             address_env: str = "LORAPLANE_ADDRESS") -> None:
-    p.add_argument("--address", default=os.environ.get(address_env, default_address),
+                             address_env: str = "LORAPLANE_ADDRESS", *, again: bool = False) -> None:
+    """The flags every client command takes. again=True adds them a second time, to a subcommand,
+    with no defaults: given there they win, and left out they keep the parent command's values."""
+
+    def default(value):
+        return argparse.SUPPRESS if again else value
+
+    p.add_argument("--address", default=default(os.environ.get(address_env, default_address)),
                    help=f"server address (env {address_env}, default {default_address})")
-    p.add_argument("--token", help="bearer token (prefer env LORAPLANE_ADMIN_TOKEN or --token-file)")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
-    p.add_argument("--ca-cert", type=Path, help="CA certificate to trust (PEM); implies --tls")
-    p.add_argument("--client-cert", type=Path,
+    p.add_argument("--token", default=default(None),
+                   help="bearer token (or --token-file, or env LORAPLANE_ADMIN_TOKEN, in that order)")
+    p.add_argument("--token-file", type=Path, default=default(None), help="file holding the bearer token")
+    p.add_argument("--tls", action="store_true", default=default(False), help="use TLS (system roots unless --ca-cert)")
+    p.add_argument("--ca-cert", type=Path, default=default(None), help="CA certificate to trust (PEM); implies --tls")
+    p.add_argument("--client-cert", type=Path, default=default(None),
                    help="client certificate (PEM) for a server that requires mTLS; needs --client-key, implies --tls")
-    p.add_argument("--client-key", type=Path, help="private key (PEM) of --client-cert")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (register --wait has none: it waits for READY or the failure)")
+    p.add_argument("--client-key", type=Path, default=default(None), help="private key (PEM) of --client-cert")
+    p.add_argument("--timeout", type=float, default=default(60.0),
+                   help="per-call deadline in seconds (register --wait has none: it waits for READY or the failure)")
 
 
 def connect(args) -> Client:
@@ -47,25 +55,34 @@ def connect(args) -> Client:
 def add_parser(sub) -> None:
     p = sub.add_parser("adapters", help="register, list, pin and delete adapters")
     add_connection_arguments(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    json_help = "print JSON instead of tables"
+    p.add_argument("--json", action="store_true", help=json_help)
+    # The same flags after the command too: `adapters list --json` as well as `adapters --json list`.
+    common = argparse.ArgumentParser(add_help=False)
+    add_connection_arguments(common, again=True)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
     cmds = p.add_subparsers(dest="adapters_cmd", required=True, metavar="COMMAND")
-    r = cmds.add_parser("register", help="register an adapter from a local path, hf:// or s3:// source")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return cmds.add_parser(name, help=help, parents=[common])
+
+    r = command("register", "register an adapter from a local path, hf:// or s3:// source")
     r.add_argument("name")
     r.add_argument("source", help="/abs/path, file:///abs/path, hf://org/repo[@rev] or s3://bucket/prefix")
     r.add_argument("--revision", default="", help="Hub branch, tag or commit")
     r.add_argument("--wait", action="store_true", help="wait until READY (or the failure)")
     r.add_argument("--pin", action="store_true", help="pin it once registered")
     r.add_argument("--base-model", default="", help="refuse unless the control plane serves this base model")
-    g = cmds.add_parser("get", help="show one adapter")
+    g = command("get", "show one adapter")
     g.add_argument("name")
-    ls = cmds.add_parser("list", help="list adapters")
+    ls = command("list", "list adapters")
     ls.add_argument("--state", choices=[s.removeprefix("ADAPTER_STATE_").lower() for s in adapter_pb2.AdapterState.keys()
                                         if s != "ADAPTER_STATE_UNSPECIFIED"])
     for verb in ("delete", "pin", "unpin"):
-        c = cmds.add_parser(verb, help=f"{verb} an adapter")
+        c = command(verb, f"{verb} an adapter")
         c.add_argument("name")
         c.add_argument("--etag", default="", help="only if the adapter still has this etag")
-    w = cmds.add_parser("watch", help="stream registry events (Ctrl-C to stop)")
+    w = command("watch", "stream registry events (Ctrl-C to stop)")
     w.add_argument("--after", default="", help="resume after this event id (0 = all retained)")
     w.add_argument("--limit", type=int, default=0, help="stop after this many events (0 = never)")
     p.set_defaults(func=run)

@@ -47,3 +47,21 @@ def test_cli_watch_json_with_limit(cp, good_adapter, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and [e["type"] for e in lines] == ["ADAPTER_EVENT_TYPE_CREATED", "ADAPTER_EVENT_TYPE_READY"]
     assert all(e["name"] == "watched" and e["event_id"] for e in lines)
+
+
+def test_cli_connection_flags_and_json_work_after_the_command_too(cp, good_adapter, capsys, monkeypatch):
+    monkeypatch.delenv("LORAPLANE_ADMIN_TOKEN", raising=False)
+    with cp.client() as c:
+        c.create_adapter("placed", str(good_adapter), wait=True)
+    capsys.readouterr()
+    for argv in (["adapters", "--address", cp.address, "--token", cp.token, "--json", "list"],
+                 ["adapters", "list", "--address", cp.address, "--token", cp.token, "--json"],
+                 ["adapters", "--address", cp.address, "get", "placed", "--token", cp.token, "--json"]):
+        assert main(argv) == 0, argv
+        out = json.loads(capsys.readouterr().out)
+        assert (out[0] if isinstance(out, list) else out)["name"] == "placed", argv
+    # Given twice, the one after the command wins; the parent's stays when the command's is absent.
+    assert main(["adapters", "--address", cp.address, "--token", "wrong", "list", "--token", cp.token]) == 0
+    assert "placed" in capsys.readouterr().out
+    assert main(["adapters", "--address", cp.address, "--token", cp.token, "list", "--timeout", "0.000001"]) == 2
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
