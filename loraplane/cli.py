@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+import grpc
+
 from loraplane import admin_cli, generate_cli
 from loraplane.errors import LoraplaneError
 
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LoraplaneError as e:
         print(f"error: {e}", file=sys.stderr)
+        if e.code == grpc.StatusCode.UNAUTHENTICATED:
+            print("hint: give the admin token with --token-file FILE, --token or env LORAPLANE_ADMIN_TOKEN; a "
+                  "control plane started without one wrote it to DATA_DIR/admin-token", file=sys.stderr)
         return 2
     except ValueError as e:  # configuration errors from the dataclass validators
         print(f"error: {e}", file=sys.stderr)

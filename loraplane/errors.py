@@ -89,6 +89,9 @@ class LoraplaneError(Exception):
         return reason_name(self.reason)
 
     def __str__(self) -> str:
+        # "UNAUTHENTICATED UNAUTHENTICATED: ..." and "UNAVAILABLE UNSPECIFIED: ..." say nothing twice.
+        if self.reason_name in (self.code.name, "UNSPECIFIED"):
+            return f"{self.code.name}: {self.message}"
         return f"{self.code.name} {self.reason_name}: {self.message}"
 
     def to_status(self) -> grpc.Status:

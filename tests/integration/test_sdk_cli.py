@@ -65,3 +65,11 @@ def test_cli_connection_flags_and_json_work_after_the_command_too(cp, good_adapt
     assert "placed" in capsys.readouterr().out
     assert main(["adapters", "--address", cp.address, "--token", cp.token, "list", "--timeout", "0.000001"]) == 2
     assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_cli_auth_failure_says_it_once_and_where_the_token_is(cp, capsys, monkeypatch):
+    monkeypatch.delenv("LORAPLANE_ADMIN_TOKEN", raising=False)
+    assert main(["adapters", "list", "--address", cp.address]) == 2
+    err = capsys.readouterr().err
+    assert "error: UNAUTHENTICATED: " in err and "UNAUTHENTICATED UNAUTHENTICATED" not in err
+    assert "hint:" in err and "admin-token" in err
