@@ -207,6 +207,12 @@ class Engine:
         slots[name] = slot
         self.scheduler.adapter_salts[name] = b"adapter:" + (cache_salt if cache_salt is not None else os.urandom(16))
 
+    def check_adapter(self, adapter: NormalizedAdapter) -> None:
+        """Raise what load_adapter would for these weights (rank, shapes); safe from any thread."""
+        if self.loras is None:
+            raise invalid_argument("adapter", "this engine has max_loras=0: LoRA adapters are disabled")
+        self.loras.check_adapter(adapter)
+
     def evict_adapter(self, name: str) -> int:
         """Unmap `name` and clear its slot; returns the freed slot. Refused while running requests use it."""
         slots = self.scheduler.adapter_slots

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from data_plane.lora.cpu_cache import CpuCache
@@ -35,11 +36,15 @@ class Lease:
 
 
 class AdapterCache:
-    def __init__(self, fetcher: Fetcher, cpu: CpuCache, disk: DiskCache, metrics=None):
+    def __init__(self, fetcher: Fetcher, cpu: CpuCache, disk: DiskCache, metrics=None,
+                 check: Callable[[NormalizedAdapter], None] | None = None):
         self.fetcher = fetcher
         self.cpu = cpu
         self.disk = disk
         self.metrics = metrics
+        # Raises for an adapter no GPU slot can hold (Engine.check_adapter): such an adapter fails
+        # its requests when it is loaded, instead of queueing them for a slot it can never take.
+        self.check = check
         self.versions: dict[str, str] = {}      # name -> version this replica serves for it
         self.pinned: set[str] = set()            # names pinned in the registry
         self._inflight: dict[str, asyncio.Task] = {}
@@ -98,13 +103,19 @@ class AdapterCache:
             source = "control_plane"
             for v in await asyncio.to_thread(self.disk.put, version, data):
                 self._evicted("disk", v)
-        adapter = await asyncio.to_thread(NormalizedAdapter.from_bytes, data)
+        adapter = await asyncio.to_thread(self._parse, data)
         for evicted in self.cpu.put(key, adapter):
             self._evicted("cpu", evicted)
         if self.metrics:
             self.metrics.adapter_loaded(source, time.perf_counter() - t0)
         logger.info("adapter %s loaded into the CPU tier from %s in %.0f ms", key, source,
                     (time.perf_counter() - t0) * 1e3)
+        return adapter
+
+    def _parse(self, data: bytes) -> NormalizedAdapter:
+        adapter = NormalizedAdapter.from_bytes(data)
+        if self.check is not None:
+            self.check(adapter)
         return adapter
 
     def _evicted(self, tier: str, what: str) -> None:

@@ -100,6 +100,20 @@ class LoraSlots:
     def load_adapter(self, slot: int, adapter: NormalizedAdapter) -> None:
         """Copy `adapter` into `slot`, replacing whatever was there. Checked fully before any write."""
         self.check_slot(slot)
+        pairs = self.check_adapter(adapter)
+        self.clear_slot(slot)
+        with torch.no_grad():
+            for layer, module, a, b in pairs:
+                linear, i = self._targets[(layer, module)]
+                r = a.shape[0]
+                linear.lora_a[i][slot, :r].copy_(a)
+                linear.lora_b[i][slot, :, :r].copy_(b)
+        self.slot_ranks[slot] = adapter.rank
+
+    def check_adapter(self, adapter: NormalizedAdapter) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+        """Raise the LoraplaneError that loading `adapter` into any slot would (rank above max_rank,
+        shapes that do not fit this model); else its (layer, module, A, B) pairs. Reads only what is
+        fixed at construction, so any thread may call it."""
         if adapter.rank > self.max_rank:
             raise LoraplaneError(R.ERROR_REASON_RANK_TOO_LARGE,
                                  f"adapter rank {adapter.rank} is above max_lora_rank {self.max_rank}",
@@ -113,14 +127,7 @@ class LoraSlots:
                 raise LoraplaneError(R.ERROR_REASON_ADAPTER_INCOMPATIBLE,
                                      f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
                                      f"{tuple(b.shape)} do not fit this model", {"module": module})
-        self.clear_slot(slot)
-        with torch.no_grad():
-            for layer, module, a, b in pairs:
-                linear, i = self._targets[(layer, module)]
-                r = a.shape[0]
-                linear.lora_a[i][slot, :r].copy_(a)
-                linear.lora_b[i][slot, :, :r].copy_(b)
-        self.slot_ranks[slot] = adapter.rank
+        return pairs
 
     def clear_slot(self, slot: int) -> None:
         self.check_slot(slot)

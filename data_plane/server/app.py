@@ -88,7 +88,7 @@ class DataPlane:
                                                    self.metrics.promoted)
         engine = self.engine_loop.engine
         self.fetcher = Fetcher(c.fetcher_config())
-        self.cache = AdapterCache(self.fetcher, cpu, disk, self.metrics)
+        self.cache = AdapterCache(self.fetcher, cpu, disk, self.metrics, check=engine.check_adapter)
         info = generation_service_pb2.GetModelInfoResponse(
             model=model_name, architecture=engine.spec.architecture, max_model_len=c.max_model_len,
             max_loras=c.max_loras, max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,

@@ -155,12 +155,16 @@ class EngineLoop:
         error = LoraplaneError(R.ERROR_REASON_ENGINE_FAILURE,
                                "the engine failed while running this request's batch; it was logged, retry")
         for request in list(self.engine.scheduler.running):
-            self.engine.abort(request.request_id)
-            target = self._streams.pop(request.request_id, None)
-            if target is not None:
-                loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, error)
+            self._fail(request.request_id, error)
         self._publish_stats()
+
+    def _fail(self, request_id: str, error: LoraplaneError) -> None:
+        """Abort a request and end its stream with `error` instead of an ABORT output."""
+        self.engine.abort(request_id)
+        target = self._streams.pop(request_id, None)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, error)
 
     def _publish_stats(self) -> None:
         sched = self.engine.scheduler
@@ -214,19 +218,31 @@ class EngineLoop:
         keep = set(self.engine.adapters_in_use())
         wanted = dict.fromkeys(r.adapter for r in self.engine.scheduler.waiting if r.adapter is not None)
         for key in wanted:
-            if self.slots.slot_of(key) is None and not self.promote(key, keep):
-                return
+            if self.slots.slot_of(key) is None:
+                try:
+                    placed = self.promote(key, keep)
+                except LoraplaneError as e:
+                    # No slot can ever hold it: its requests fail now rather than wait for their
+                    # deadline, and the adapters queued after it still get their slots.
+                    logger.warning("adapter %s cannot be loaded into a slot; failing its requests: %s", key, e)
+                    for request in [r for r in self.engine.scheduler.waiting if r.adapter == key]:
+                        self._fail(request.request_id, e)
+                    continue
+                if not placed:
+                    return
             keep.add(key)
 
     def promote(self, key: str, keep: set[str] | None = None) -> bool:
         """Move `key` from the CPU tier into a GPU slot, evicting none of `keep` (default: the adapters
-        running requests use); False if no slot can be freed now."""
+        running requests use); False if no slot can be freed now. Raises the LoraplaneError of an
+        adapter that no slot can hold (rank above max_lora_rank, shapes that do not fit)."""
         if self.slots.slot_of(key) is not None:
             return True
         adapter = self.cpu.get(key)
         if adapter is None:
             logger.warning("adapter %s is wanted on the GPU but not in the CPU tier", key)
             return True  # not blocking the others: its request will get it once fetched again
+        self.engine.check_adapter(adapter)  # before a victim is evicted for it
         choice = self.slots.choose(keep if keep is not None else self.engine.adapters_in_use())
         if choice is None:
             return False
@@ -240,7 +256,9 @@ class EngineLoop:
             # prefixes survive the adapter leaving its slot and coming back.
             self.engine.load_adapter(key, slot, adapter, cache_salt=key.encode())
         except LoraplaneError as e:
-            logger.warning("could not load %s into slot %d: %s", key, slot, e)
+            if e.reason != R.ERROR_REASON_CAPACITY_EXHAUSTED:
+                raise
+            logger.warning("could not load %s into slot %d now: %s", key, slot, e)  # a request holds it
             return False
         self.slots.placed(key, slot)
         if self.on_promote:

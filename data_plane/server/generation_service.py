@@ -103,7 +103,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             last = None
             while not finished:
                 out = await outputs.get()
-                if isinstance(out, LoraplaneError):  # the engine failed on this request's batch
+                if isinstance(out, LoraplaneError):  # its batch failed, or its adapter cannot be loaded
                     raise out
                 now = time.perf_counter()
                 if out.token_ids:

@@ -1,7 +1,9 @@
-"""EngineLoop: the promotion pass (oldest waiters first, no thrashing), and building the engine in its thread."""
+"""EngineLoop: the promotion pass (oldest waiters first, no thrashing, an unloadable adapter failing
+only its own requests), and building the engine in its thread."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from data_plane.engine.request import SamplingParams
 from data_plane.lora.cpu_cache import CpuCache
 from data_plane.lora.slot_table import SlotTable
 from data_plane.server.engine_loop import EngineLoop
+from loraplane.errors import LoraplaneError
+from loraplane.v1 import errors_pb2 as R
 from tests.factories import make_peft_adapter, make_tiny_model
 from tests.unit.engine_helpers import make_engine, normalized
 
@@ -40,6 +44,35 @@ def test_crowded_queue_does_not_evict_what_older_waiters_need(setup):
         loop._promote_waiting()
         engine.step()
     assert loads == ["k0", "k1", "k2", "k3", "k4"]  # every adapter loaded exactly once: no thrashing
+
+
+def test_an_adapter_no_slot_can_hold_fails_its_requests_and_the_others_still_get_slots(setup, tmp_path):
+    model, adapters = setup
+    engine = make_engine(model, max_loras=1, max_lora_rank=4)
+    cpu = CpuCache(8, 1 << 30)
+    cpu.put("big", normalized(model, make_peft_adapter(model, tmp_path / "big", r=8, seed=9)))  # rank 8 > 4
+    cpu.put("k0", adapters["k0"])
+    slots = SlotTable(1, 0)
+    loop = EngineLoop(engine, cpu, slots)
+    events = asyncio.new_event_loop()
+    streams = {}
+    for rid, key in (("older", "big"), ("younger", "k0")):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), key, request_id=rid)
+        streams[rid] = asyncio.Queue()
+        loop._streams[rid] = (events, streams[rid])
+    try:
+        loop._promote_waiting()  # engine-thread method, called directly: the thread is not started
+        assert slots.keys() == ["k0"]  # the younger request's adapter was not held up behind it
+        error = events.run_until_complete(streams["older"].get())
+        assert isinstance(error, LoraplaneError) and error.reason == R.ERROR_REASON_RANK_TOO_LARGE
+        assert [r.request_id for r in engine.scheduler.waiting] == ["younger"]
+        while engine.has_unfinished():
+            loop._dispatch(engine.step())
+        outputs = [events.run_until_complete(streams["younger"].get()) for _ in range(2)]
+        assert outputs[-1].finished and sum(len(o.token_ids) for o in outputs) == 2
+        assert streams["older"].empty() and not loop._streams
+    finally:
+        events.close()
 
 
 def test_build_and_start_builds_in_the_engine_thread_and_serves(setup):
