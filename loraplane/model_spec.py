@@ -81,13 +81,29 @@ class ModelSpec:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str) -> ModelSpec:
-        """From a local model directory, or a Hub id via huggingface_hub (config.json only)."""
-        path = Path(path_or_id)
+        """From a local model directory, or a Hub id via huggingface_hub (config.json only).
+        ValueError, saying which, when neither gives a config.json."""
+        path = Path(path_or_id).expanduser()
         if path.is_dir():
             config_path = path / "config.json"
+            if not config_path.is_file():
+                raise ValueError(f"{path_or_id} has no config.json: it is not a Hugging Face model directory")
+        elif path.is_absolute() or path_or_id.startswith((".", "~")) or path.exists():
+            # A mistyped path is not a Hub id; huggingface_hub would say only that the id is malformed.
+            raise ValueError(f"model directory {path_or_id} does not exist")
         else:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
-            config_path = Path(hf_hub_download(path_or_id, "config.json"))
-        with open(config_path, encoding="utf-8") as f:
-            return cls.from_config(json.load(f), name=path_or_id)
+            try:
+                config_path = Path(hf_hub_download(path_or_id, "config.json"))
+            except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
+                raise ValueError(f"cannot get config.json of {path_or_id!r} from the Hugging Face Hub "
+                                 f"(is it a local directory, or is the Hub unreachable?): {e}") from None
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {config_path}: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} is not a JSON object")
+        return cls.from_config(config, name=path_or_id)

@@ -78,6 +78,9 @@ class DataPlane:
 
     async def start(self) -> DataPlane:
         c = self.config
+        if not (Path(c.model).expanduser() / "config.json").is_file():
+            raise ValueError(f"--model {c.model} is not a model directory (no config.json); the data plane "
+                             "loads its base model from a local directory")
         model_name = Path(c.model).name or c.model
         cpu = CpuCache(c.max_cpu_loras, c.max_cpu_lora_bytes, pin_memory=c.device.startswith("cuda"))
         disk = DiskCache(c.disk_cache_dir, c.disk_cache_bytes)
@@ -97,6 +100,8 @@ class DataPlane:
         self.generation = GenerationServicer(self.engine_loop, self.cache, self.metrics, info,
                                              max_queue=c.max_num_seqs * MAX_QUEUE_FACTOR)
         tokens = {CACHE_SERVICE: [c.admin_token]} if c.admin_token else {}
+        if not c.admin_token:
+            logger.warning("no --admin-token: AdapterCacheService (prefetch, evict) is open to every client")
         self.grpc = GrpcServer([GENERATION_SERVICE, CACHE_SERVICE], [BearerTokenInterceptor(tokens)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.grpc.server)
         cache_service_pb2_grpc.add_AdapterCacheServiceServicer_to_server(

@@ -97,10 +97,12 @@ class DataPlaneConfig:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.health_listen is not None:
             check_address("health_listen", self.health_listen)
-        if self.device == "auto":
-            import torch
+        import torch
 
+        if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: this torch has no usable CUDA device; use --device cpu")
         self.disk_cache_dir = Path(self.disk_cache_dir)
 
     def fetcher_config(self) -> FetcherConfig:

@@ -95,3 +95,17 @@ def test_config_errors_are_clear(capsys, tmp_path):
     assert "--base-model" in capsys.readouterr().err
     code = main(["control-plane", "--base-model", "x", "--max-lora-rank", "0", "--data-dir", str(tmp_path)])
     assert code == 2 and "max_lora_rank" in capsys.readouterr().err
+
+
+def test_a_wrong_model_path_is_one_clear_line_not_a_traceback(capfd, tmp_path, adapter_root):
+    missing = tmp_path / "no-such-model"
+    code = main(["control-plane", "--base-model", str(missing), "--data-dir", str(tmp_path / "cp")])
+    err = capfd.readouterr().err
+    assert code == 2 and f"model directory {missing} does not exist" in err and "Traceback" not in err
+    code = main(["control-plane", "--base-model", str(adapter_root), "--data-dir", str(tmp_path / "cp")])
+    err = capfd.readouterr().err
+    assert code == 2 and "has no config.json" in err and "Traceback" not in err
+    code = main(["data-plane", "--model", str(missing), "--control-plane", "127.0.0.1:1", "--device", "cpu",
+                 "--listen", "127.0.0.1:0", "--disk-cache-dir", str(tmp_path / "disk")])
+    err = capfd.readouterr().err
+    assert code == 2 and "is not a model directory" in err and "Traceback" not in err
