@@ -98,6 +98,14 @@ class Fetcher:
             try:
                 return await attempt()
             except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # This replica's credentials, not the caller's: passed through, a user who sent
+                    # no token at all was told their call lacked one.
+                    logger.error("the control plane at %s refused this data plane: %s %s (check "
+                                 "--distribution-token)", self.config.target, e.code().name, e.details())
+                    raise LoraplaneError(R.ERROR_REASON_CONTROL_PLANE_UNAVAILABLE,
+                                         "the control plane refused this data plane's credentials; "
+                                         "see the data plane's log") from None
                 if e.code() not in _TRANSIENT:
                     raise LoraplaneError.from_rpc_error(e) from None
                 last = self._unavailable(e)

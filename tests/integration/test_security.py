@@ -131,6 +131,17 @@ def test_distribution_needs_its_token_and_cannot_administer(guarded):
             expect(lambda c=c: c.fetch_adapter("existing", version), S.UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
+def test_a_data_plane_with_the_wrong_distribution_token_does_not_blame_its_caller(guarded, dp_factory, caplog):
+    """The control plane's UNAUTHENTICATED concerns this replica's token, not the Generate caller's
+    (Generate needs none): the caller gets CONTROL_PLANE_UNAVAILABLE, and the log says what to fix."""
+    dp = dp_factory(guarded.address, distribution_token="not-the-distribution-token")
+    with dp.client() as c:
+        with pytest.raises(LoraplaneError) as e:
+            list(c.generate([1, 2, 3], "existing", max_tokens=2))
+    assert e.value.code == S.UNAVAILABLE and e.value.reason_name == "CONTROL_PLANE_UNAVAILABLE"
+    assert "--distribution-token" in caplog.text and "not-the-distribution-token" not in caplog.text
+
+
 def test_data_plane_cache_service_needs_the_admin_token(guarded, dp_factory):
     cp = guarded
     dp = dp_factory(cp.address, admin_token=DP_ADMIN, distribution_token=DIST_TOKEN)
