@@ -17,7 +17,7 @@ from control_plane.registry import Registry
 from control_plane.registry_service import RegistryServicer
 from control_plane.sources import SourceConfig
 from loraplane.auth import BearerTokenInterceptor
-from loraplane.embedded_redis import EmbeddedRedis
+from loraplane.embedded_redis import EmbeddedRedis, remembered_port
 from loraplane.errors import LoraplaneError
 from loraplane.grpc_server import (
     GrpcServer,
@@ -65,8 +65,10 @@ class ControlPlane:
             self.admin_token = self._generated_admin_token()
         redis_url = c.redis_url
         if not redis_url:
-            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(c.data_dir / "redis").start)
+            redis_dir = c.data_dir / "redis"
+            self.embedded_redis = await asyncio.to_thread(EmbeddedRedis(redis_dir, remembered_port(redis_dir)).start)
             redis_url = self.embedded_redis.url
+            logger.info("registry: embedded Redis at %s (data planes: --redis-url %s)", redis_url, redis_url)
         self.registry = Registry.from_url(redis_url, c.redis_prefix)
         store = ArtifactStore(c.artifact_dir)
         sources = SourceConfig(allowed_roots=c.allowed_roots, hf_token=c.hf_token, hf_endpoint=c.hf_endpoint,

@@ -31,6 +31,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As redis-server binds: connections of the last run in TIME_WAIT do not make it taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def remembered_port(data_dir: Path) -> int:
+    """The port this data dir's Redis had last time if it is free, else a new one; written back so
+    data planes given --redis-url once keep finding the registry across restarts."""
+    path = Path(data_dir) / "port"
+    try:
+        port = int(path.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        port = 0
+    if not (1024 <= port <= 65535 and _port_is_free(port)):
+        port = free_port()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{port}\n", encoding="utf-8")
+    return port
+
+
 class EmbeddedRedis:
     """Starts redis-server on 127.0.0.1:<port>, persisted (AOF) under data_dir; stop() shuts it down."""
 

@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplane.cli import main
@@ -74,6 +75,8 @@ def test_process_cli_sigterm_and_restart(base_model, good_adapter, adapter_root,
         log = proc.stdout.read()
         assert "control plane stopped" in log and TOKEN not in log
         assert "(most recent call first)" in log and "Current thread" in log
+        redis_port = int((tmp_path / "data" / "redis" / "port").read_text())
+        assert f"--redis-url redis://127.0.0.1:{redis_port}/0" in log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -84,6 +87,10 @@ def test_process_cli_sigterm_and_restart(base_model, good_adapter, adapter_root,
         code, out, _ = cli(capsys, port, "--json", "get", "cli-one")
         got = json.loads(out)[0]
         assert got["pinned"] is True and got["state"] == "ADAPTER_STATE_READY"
+        # ...on the same port, so data planes pointed at it keep their --redis-url.
+        assert int((tmp_path / "data" / "redis" / "port").read_text()) == redis_port
+        with redis.Redis(port=redis_port) as r:
+            assert r.ping()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
