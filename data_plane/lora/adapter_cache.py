@@ -57,11 +57,13 @@ class AdapterCache:
     async def acquire(self, ref: str) -> Lease:
         """Hold `ref` ("name" or "name@version") in the CPU tier for one request."""
         name, version = parse_reference(ref, "adapter")
+        resolved = False
         if not version:
             version = self.versions.get(name) or ""
             if not version or not (adapter_key(name, version) in self.cpu or version in self.disk):
                 # Unknown here, or known but no longer cached: ask the control plane what is current.
                 version = (await self.fetcher.resolve(name)).version
+                resolved = True
         key = adapter_key(name, version)
         # One lookup per request: a hit if the CPU tier had it, one miss however long the load takes
         # (a request that waits on another's in-flight load is still one miss, not one per retry).
@@ -75,7 +77,10 @@ class AdapterCache:
             # in flight), and the event loop froze with every stream on it.
             for evicted in self.cpu.put(key, adapter, hold=True):
                 self._evicted("cpu", evicted)
-        self.versions.setdefault(name, version)
+        if resolved:
+            # Only what the control plane calls current: a name@version ref may name an old version,
+            # which plain-name requests must never be sent to.
+            self.versions[name] = version
         return Lease(name, version, key)
 
     def release(self, lease: Lease) -> None:
@@ -132,6 +137,8 @@ class AdapterCache:
         self._retired.add(key)
         if not self.cpu.remove(key):
             logger.info("adapter %s retired; it leaves the CPU tier when its requests finish", key)
+        if version not in self.versions.values():  # the disk tier is by digest: another name may share it
+            self.disk.remove(version)
         return key
 
     def is_retired(self, key: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
@@ -9,6 +11,7 @@ from loraplane.errors import LoraplaneError
 from loraplane.v1 import cache_service_pb2 as cache_pb2
 from loraplane.v1 import generation_service_pb2 as gen_pb2
 from tests.factories import make_peft_adapter
+from tests.integration.dp_helpers import engine_held, wait_for
 
 TARGETS = ("q_proj", "v_proj", "o_proj")
 
@@ -46,3 +49,42 @@ def test_an_adapter_above_max_lora_rank_fails_fast_and_blocks_no_one(cp_factory,
     assert generate(dp, "small")[-1].finish_reason == gen_pb2.FINISH_REASON_LENGTH
     loop = dp.plane.engine_loop
     assert loop.stats.waiting == 0 and [k.split("@")[0] for k in loop.slots.keys()] == ["small"]
+
+
+def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_factory, dp_factory, adapter_dirs):
+    cp = cp_factory()
+    with cp.client() as c:
+        v1 = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
+    dp = dp_factory(cp.address)
+    cache, loop = dp.plane.cache, dp.plane.engine_loop
+    versions = {}
+
+    def run(label, ref):
+        versions[label] = generate(dp, ref)[-1].adapter_version
+
+    threads = []
+
+    def start(label, ref, queued):
+        """Start a call and wait until it holds its adapter and its add waits for the engine."""
+        threads.append(threading.Thread(target=run, args=(label, ref)))
+        threads[-1].start()
+        assert wait_for(lambda: loop._commands.qsize() == queued)
+
+    with engine_held(loop):
+        start("plain, before", "x", 1)  # it holds v1 in the CPU tier
+        with cp.client() as c:
+            c.delete_adapter("x")
+            v2 = c.create_adapter("x", str(adapter_dirs["rank4-other"]), wait=True).version
+        assert wait_for(lambda: "x" not in cache.versions)  # the watcher retired v1
+        assert wait_for(lambda: loop._commands.qsize() == 2)  # and asked the engine to evict it
+        start("explicit v1", f"x@{v1}", 3)  # a CPU hit: v1 is still held
+        start("plain, after", "x", 4)
+    for t in threads:
+        t.join(60)
+    # Before the fix, the explicit ref made v1 what "x" means here, while it was still cached.
+    assert versions == {"plain, before": v1, "explicit v1": v1, "plain, after": v2}
+    assert generate(dp, "x")[-1].adapter_version == v2
+    assert v1 not in cache.disk  # retired from every tier, the disk too
+    with pytest.raises(LoraplaneError) as e:
+        generate(dp, f"x@{v1}")  # deleted from the registry, and no tier here serves it any more
+    assert e.value.code == grpc.StatusCode.NOT_FOUND

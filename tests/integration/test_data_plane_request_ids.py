@@ -7,7 +7,6 @@ order the engine sees them in is fixed by the test, not by timing.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import grpc
@@ -15,24 +14,12 @@ import pytest
 
 from loraplane.errors import LoraplaneError
 from loraplane.v1 import generation_service_pb2 as gen_pb2
-from tests.integration.test_data_plane import wait_for
+from tests.integration.dp_helpers import engine_held, wait_for
 
 
 @pytest.fixture
 def dp(cp_factory, dp_factory):
     return dp_factory(cp_factory().address)
-
-
-@contextlib.contextmanager
-def engine_held(loop):
-    """Hold the engine thread between steps until the block ends; commands queue up behind it."""
-    held, release = threading.Event(), threading.Event()
-    loop.call(lambda _engine: held.set() or release.wait(60))
-    assert held.wait(30)
-    try:
-        yield
-    finally:
-        release.set()
 
 
 def request(request_id: str, max_tokens: int) -> gen_pb2.GenerateRequest:
