@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,11 +36,36 @@ def _hex(version: str) -> str:
     return hexpart
 
 
+# Scratch space of downloads and writes. An entry untouched this long belongs to a process that
+# died mid-ingest (a live one writes, or finishes, well within it); the store may be shared, so a
+# younger one may be another replica's work in progress.
+STALE_SCRATCH_S = 6 * 3600
+
+
 class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def remove_stale_scratch(self, older_than_s: float = STALE_SCRATCH_S) -> int:
+        """Delete scratch entries left by processes killed mid-ingest; returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in self.tmp.iterdir():
+            try:
+                paths = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+                if max(p.lstat().st_mtime for p in paths) >= cutoff:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:
+                continue  # finished (renamed or cleaned) by its owner meanwhile
+            removed += 1
+            logger.info("removed stale scratch %s", entry)
+        return removed
 
     def path(self, version: str) -> Path:
         return self.root / _hex(version) / ARTIFACT_FILE

@@ -71,6 +71,7 @@ class ControlPlane:
             logger.info("registry: embedded Redis at %s (data planes: --redis-url %s)", redis_url, redis_url)
         self.registry = Registry.from_url(redis_url, c.redis_prefix)
         store = ArtifactStore(c.artifact_dir)
+        await asyncio.to_thread(store.remove_stale_scratch)
         sources = SourceConfig(allowed_roots=c.allowed_roots, hf_token=c.hf_token, hf_endpoint=c.hf_endpoint,
                                s3_endpoint_url=c.s3_endpoint_url, s3_anon=c.s3_anon, max_bytes=c.max_adapter_bytes,
                                timeout_s=c.source_timeout_s)
