@@ -62,31 +62,37 @@ class Ingestor:
 
     async def run(self, name: str, source: SourceSpec, owner: str) -> LoraplaneError | None:
         """Ingest `name` as lease `owner`; returns the error it failed with (already recorded as FAILED), or None."""
-        async with self._sem:
-            renew = asyncio.create_task(self._renew(name, owner))
-            try:
-                if not await self.registry.transition(name, ACTIVE_STATES, "DOWNLOADING", owner=owner):
-                    return None
-                logger.info("adapter %s: downloading %s", name, source.uri())
-                with tempfile.TemporaryDirectory(dir=self.store.tmp) as tmp:
-                    fetched = await asyncio.to_thread(fetch_source, source, self.settings.sources, Path(tmp))
-                    if not await self.registry.transition(name, ("DOWNLOADING",), "VALIDATING", owner=owner,
-                                                          resolved_revision=fetched.resolved_revision):
-                        return None
-                    version, adapter = await asyncio.to_thread(self._normalize_and_store, fetched.path)
-                await self._mark_ready(name, version, adapter, owner)
+        # Renewed from the start: a job queued behind --max-concurrent-ingests would otherwise let its
+        # lease lapse while it waits, and another replica's sweep take it over.
+        renew = asyncio.create_task(self._renew(name, owner))
+        try:
+            async with self._sem:
+                return await self._ingest(name, source, owner)
+        finally:
+            renew.cancel()
+
+    async def _ingest(self, name: str, source: SourceSpec, owner: str) -> LoraplaneError | None:
+        try:
+            if not await self.registry.transition(name, ACTIVE_STATES, "DOWNLOADING", owner=owner):
                 return None
-            except LoraplaneError as e:
-                logger.warning("adapter %s failed: %s", name, e)
-                await self._mark_failed(name, e.reason_name, e.message, owner)
-                return e
-            except Exception as e:  # a bug, not bad input: keep the trace in our log, not the client's
-                logger.exception("adapter %s: unexpected error while ingesting", name)
-                await self._mark_failed(name, "UNSPECIFIED", f"internal error ({type(e).__name__}); see control-plane log",
-                                        owner)
-                return LoraplaneError(0, f"internal error while ingesting {name!r}", code=grpc.StatusCode.INTERNAL)
-            finally:
-                renew.cancel()
+            logger.info("adapter %s: downloading %s", name, source.uri())
+            with tempfile.TemporaryDirectory(dir=self.store.tmp) as tmp:
+                fetched = await asyncio.to_thread(fetch_source, source, self.settings.sources, Path(tmp))
+                if not await self.registry.transition(name, ("DOWNLOADING",), "VALIDATING", owner=owner,
+                                                      resolved_revision=fetched.resolved_revision):
+                    return None
+                version, adapter = await asyncio.to_thread(self._normalize_and_store, fetched.path)
+            await self._mark_ready(name, version, adapter, owner)
+            return None
+        except LoraplaneError as e:
+            logger.warning("adapter %s failed: %s", name, e)
+            await self._mark_failed(name, e.reason_name, e.message, owner)
+            return e
+        except Exception as e:  # a bug, not bad input: keep the trace in our log, not the client's
+            logger.exception("adapter %s: unexpected error while ingesting", name)
+            await self._mark_failed(name, "UNSPECIFIED", f"internal error ({type(e).__name__}); see control-plane log",
+                                    owner)
+            return LoraplaneError(0, f"internal error while ingesting {name!r}", code=grpc.StatusCode.INTERNAL)
 
     def _normalize_and_store(self, path: Path):
         s = self.settings
@@ -147,7 +153,8 @@ class Ingestor:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(LoraplaneError):
-                await self.registry.claim(name, owner, self.settings.lease_ms)
+                # Only our own lease: a job whose lease lapsed must not take a newer job's.
+                await self.registry.claim(name, owner, self.settings.lease_ms, renew=True)
 
     async def resume_orphans(self) -> int:
         """Take over jobs whose replica stopped renewing its lease; returns how many were restarted."""

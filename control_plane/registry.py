@@ -298,9 +298,11 @@ class Registry:
         return res[0] == "OK"
 
     @_unavailable
-    async def claim(self, name: str, owner: str, lease_ms: int, force: bool = False) -> bool:
+    async def claim(self, name: str, owner: str, lease_ms: int, force: bool = False, renew: bool = False) -> bool:
+        """Take the ingest lease (free or lapsed), or with renew=True only extend one `owner` holds."""
         res = await self._scripts["claim"]([self.adapter_key(name)],
-                                          [owner, time.time_ns() // 1_000_000, lease_ms, "1" if force else "0"])
+                                          [owner, time.time_ns() // 1_000_000, lease_ms, "1" if force else "0",
+                                           "1" if renew else "0"])
         return res == 1
 
     @_unavailable

@@ -120,3 +120,21 @@ def test_redis_refusing_writes_is_registry_unavailable_and_changes_nothing(priva
     with cp.client() as c:
         assert c.create_adapter("after", str(good_adapter), wait=True).name == "after"
     assert not [t.get_name() for t in cp.plane._background if t.done()]
+
+
+def test_a_renewal_only_extends_its_own_lease(private_redis):
+    """A job whose lease lapsed (its record deleted and registered again, say) keeps renewing; that
+    renewal must not take the lapsed lease of the newer job on the same name."""
+    async def main():
+        registry = Registry.from_url(private_redis, "p")
+        try:
+            await registry.create("n", False, {"source": "local", "lease_owner": "new-job", "lease_until": 0})
+            took_by_renewal = await registry.claim("n", "old-job", 30_000, renew=True)
+            record = await registry.get("n")
+            renewed_own = await registry.claim("n", "new-job", 30_000, renew=True)
+            taken_over = await registry.claim("other", "x", 30_000, renew=True)  # no such record
+            return took_by_renewal, record.lease_owner, renewed_own, taken_over
+        finally:
+            await registry.close()
+
+    assert asyncio.run(main()) == (False, "new-job", True, False)
