@@ -105,7 +105,7 @@ class DataPlane:
         self.grpc = GrpcServer([GENERATION_SERVICE, CACHE_SERVICE], [BearerTokenInterceptor(tokens)])
         generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.grpc.server)
         cache_service_pb2_grpc.add_AdapterCacheServiceServicer_to_server(
-            CacheServicer(self.engine_loop, self.cache), self.grpc.server)
+            CacheServicer(self.engine_loop, self.cache, lambda: self.generation.draining), self.grpc.server)
         self.grpc.listen(c.listen, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
         if c.health_listen is not None:
             self.grpc.listen_health(c.health_listen)

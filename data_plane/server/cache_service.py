@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from data_plane.lora.adapter_cache import AdapterCache, adapter_key
+from collections.abc import Callable
+
+from data_plane.lora.adapter_cache import AdapterCache
 from data_plane.server.engine_loop import EngineLoop
 from loraplane.errors import LoraplaneError, abort, invalid_argument
 from loraplane.names import validate_name
@@ -14,44 +16,58 @@ GPU, CPU, DISK = cache_pb2.CACHE_TIER_GPU, cache_pb2.CACHE_TIER_CPU, cache_pb2.C
 
 
 class CacheServicer(cache_grpc.AdapterCacheServiceServicer):
-    def __init__(self, loop: EngineLoop, cache: AdapterCache):
+    def __init__(self, loop: EngineLoop, cache: AdapterCache, draining: Callable[[], bool]):
         self.loop = loop
         self.cache = cache
+        self.draining = draining  # whether the replica is draining (GenerationServicer.draining)
+
+    def _entry(self, key: str, name: str, slot: int | None) -> cache_pb2.CachedAdapter:
+        version = key.split("@", 1)[1]
+        tiers = [t for t, present in ((GPU, slot is not None), (CPU, key in self.cache.cpu),
+                                      (DISK, version in self.cache.disk)) if present]
+        return cache_pb2.CachedAdapter(
+            name=name, version=version, tiers=tiers, slot=-1 if slot is None else slot,
+            pinned=name in self.cache.pinned, size_bytes=self.cache.cpu.size_of(key),
+            active_requests=self.cache.cpu.refs(key))
 
     def _entries(self) -> list[cache_pb2.CachedAdapter]:
-        stats = self.loop.stats
-        gpu = set(stats.gpu_adapters)
-        running = {}
-        for key in stats.running_adapters:
-            running[key] = running.get(key, 0) + 1
+        gpu = set(self.loop.stats.gpu_adapters)
         keys = {**self.cache.cached_keys(), **{k: k.split("@", 1)[0] for k in gpu}}
-        entries = []
-        for key, name in sorted(keys.items()):
-            version = key.split("@", 1)[1]
-            tiers = [t for t, present in ((GPU, key in gpu), (CPU, key in self.cache.cpu),
-                                          (DISK, version in self.cache.disk)) if present]
-            entries.append(cache_pb2.CachedAdapter(
-                name=name, version=version, tiers=tiers, slot=self.loop.slots.slot_of(key) if key in gpu else -1,
-                pinned=name in self.cache.pinned, size_bytes=self.cache.cpu.size_of(key),
-                active_requests=self.cache.cpu.refs(key)))
-        return entries
+        return [self._entry(key, name, self.loop.slots.slot_of(key) if key in gpu else None)
+                for key, name in sorted(keys.items())]
 
     async def ListCachedAdapters(self, request, context):
         return cache_pb2.ListCachedAdaptersResponse(adapters=self._entries(), free_slots=self.loop.stats.free_slots)
 
+    def _place(self, key: str, on_gpu: bool) -> int | None:
+        """Engine thread: promote `key` when asked; its slot, read where it is current (the published
+        stats may predate the promotion)."""
+        if on_gpu and not self.loop.promote(key):
+            raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                 "every GPU slot is pinned or in use; try again later")
+        return self.loop.slots.slot_of(key)
+
     async def PrefetchAdapter(self, request, context):
         try:
+            if self.draining():  # it would start fetches on a replica about to exit
+                raise LoraplaneError(R.ERROR_REASON_SERVER_NOT_READY, "this replica is draining; prefetch on another")
             name = validate_name(request.name)
             if request.tier not in (cache_pb2.CACHE_TIER_UNSPECIFIED, GPU, CPU, DISK):
                 raise invalid_argument("tier", f"unknown tier {request.tier}")
+            tier = request.tier or CPU
             lease = await self.cache.acquire(name)
             try:
-                if request.tier == GPU and not await self.loop.acall(lambda _e: self.loop.promote(lease.key)):
-                    raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
-                                         "every GPU slot is pinned or in use; try again later")
+                slot = await self.loop.acall(lambda _e: self._place(lease.key, tier == GPU))
             finally:
                 self.cache.release(lease)
-            entry = next(e for e in self._entries() if adapter_key(e.name, e.version) == lease.key)
+            # Read after the release, which may evict it again: the CPU tier can be full of pinned
+            # or in-use adapters, and nothing else holds this one.
+            entry = self._entry(lease.key, lease.name, slot)
+            if not any(t <= tier for t in entry.tiers):  # not in the tier asked for, nor a faster one
+                raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                     f"adapter {name!r} was loaded but the {cache_pb2.CacheTier.Name(tier)} "
+                                     "tier is full of pinned or in-use adapters; try again later",
+                                     {"name": name})
             return cache_pb2.PrefetchAdapterResponse(adapter=entry)
         except LoraplaneError as e:
             await abort(context, e)
