@@ -106,8 +106,13 @@ class AdapterCache:
         if data is None:
             data = await self.fetcher.fetch(name, version)
             source = "control_plane"
-            for v in await asyncio.to_thread(self.disk.put, version, data):
-                self._evicted("disk", v)
+            try:
+                for v in await asyncio.to_thread(self.disk.put, version, data):
+                    self._evicted("disk", v)
+            except OSError as e:
+                # The disk tier is a cache: a full or failing volume costs a later cold start a
+                # fetch, not this request its adapter (the bytes are verified and in memory).
+                logger.warning("adapter %s not written to the disk tier, serving it from memory: %s", key, e)
         adapter = await asyncio.to_thread(self._parse, data)
         for evicted in self.cpu.put(key, adapter):
             self._evicted("cpu", evicted)

@@ -1,7 +1,8 @@
 """Disk tier: artifacts as `<sha256 hex>.safetensors` files, LRU within a byte budget.
 
-Files are written to a temp name and renamed, and their digest is checked on every read, so a
-torn write or a flipped bit is a miss, never a wrong adapter.
+Files are written to a temp name (`*.part`, removed if the write fails and at start-up) and renamed,
+and their digest is checked on every read, so a torn write or a flipped bit is a miss, never a wrong
+adapter.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class DiskCache:
         self._lock = threading.Lock()
         # version -> (size, last use); rebuilt from the directory so a restart keeps the tier.
         self._index: dict[str, tuple[int, float]] = {}
+        for path in self.root.glob("*.part"):
+            # A write cut short before its rename (a crash, a full volume): never a valid entry, and
+            # nothing else would ever remove it.
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                logger.warning("could not remove the stale partial file %s: %s", path, e)
         for path in self.root.glob("*.safetensors"):
             st = path.stat()
             self._index[_PREFIX + path.stem] = (st.st_size, st.st_mtime)
@@ -69,13 +77,18 @@ class DiskCache:
         return data
 
     def put(self, version: str, data: bytes) -> list[str]:
-        """Store the bytes (already verified by the caller); returns versions evicted for room."""
+        """Store the bytes (already verified by the caller); returns versions evicted for room.
+        Raises OSError if they cannot be written (a full volume), leaving no partial file."""
         if not self.enabled or len(data) > self.max_bytes:
             return []
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self._path(version))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._path(version))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         with self._lock:
             self._index[version] = (len(data), time.time())
             victims = []

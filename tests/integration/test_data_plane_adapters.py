@@ -88,3 +88,19 @@ def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_fa
     with pytest.raises(LoraplaneError) as e:
         generate(dp, f"x@{v1}")  # deleted from the registry, and no tier here serves it any more
     assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory, dp_factory, adapter_dirs,
+                                                                      tmp_path):
+    cp = cp_factory()
+    with cp.client() as c:
+        c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True)
+    disk = tmp_path / "lost-volume"
+    dp = dp_factory(cp.address, disk_cache_dir=disk)
+    disk.rmdir()
+    disk.write_bytes(b"")  # the tier's directory is gone: every write into it fails (ENOTDIR)
+    for _ in range(2):  # fetched and served from memory, then a CPU hit
+        assert generate(dp, "x")[-1].finish_reason == gen_pb2.FINISH_REASON_LENGTH
+    assert dp.plane.cache.disk.versions() == []
+    metrics = dp.plane.metrics.registry
+    assert metrics.get_sample_value("loraplane_adapter_cache_lookups_total", {"tier": "cpu", "result": "hit"}) == 1
