@@ -48,7 +48,7 @@ class AdapterCache:
         self.versions: dict[str, str] = {}      # name -> version this replica serves for it
         self.pinned: set[str] = set()            # names pinned in the registry
         self._inflight: dict[str, asyncio.Task] = {}
-        self._retired: set[str] = set()          # keys to drop once their last request ends
+        self._retired: set[str] = set()          # replaced keys still held: dropped at their last release
 
     def _hit(self, tier: str, hit: bool) -> None:
         if self.metrics:
@@ -81,13 +81,15 @@ class AdapterCache:
             # Only what the control plane calls current: a name@version ref may name an old version,
             # which plain-name requests must never be sent to.
             self.versions[name] = version
+            # Deleted and registered again with the same weights: current again, so it stays cached.
+            self._retired.discard(key)
         return Lease(name, version, key)
 
     def release(self, lease: Lease) -> None:
         for key in self.cpu.release(lease.key):
             self._evicted("cpu", key)
-        if lease.key in self._retired and self.cpu.refs(lease.key) == 0:
-            self.cpu.remove(lease.key)
+        if lease.key in self._retired and self.cpu.remove(lease.key):  # its last request ended
+            self._retired.discard(lease.key)
 
     async def _load(self, name: str, version: str, key: str) -> NormalizedAdapter:
         """The adapter, loaded into the CPU tier once however many requests wait for it."""
@@ -139,8 +141,8 @@ class AdapterCache:
         if version is None:
             return None
         key = adapter_key(name, version)
-        self._retired.add(key)
         if not self.cpu.remove(key):
+            self._retired.add(key)
             logger.info("adapter %s retired; it leaves the CPU tier when its requests finish", key)
         if version not in self.versions.values():  # the disk tier is by digest: another name may share it
             self.disk.remove(version)

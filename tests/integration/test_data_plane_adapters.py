@@ -88,6 +88,7 @@ def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_fa
     with pytest.raises(LoraplaneError) as e:
         generate(dp, f"x@{v1}")  # deleted from the registry, and no tier here serves it any more
     assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert not cache._retired  # v1 left once its last request ended: nothing is kept about it
 
 
 def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory, dp_factory, adapter_dirs,
@@ -104,3 +105,41 @@ def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory,
     assert dp.plane.cache.disk.versions() == []
     metrics = dp.plane.metrics.registry
     assert metrics.get_sample_value("loraplane_adapter_cache_lookups_total", {"tier": "cpu", "result": "hit"}) == 1
+
+
+def test_a_name_registered_again_with_the_same_weights_stays_cached(cp_factory, dp_factory, adapter_dirs):
+    cp = cp_factory()
+    with cp.client() as c:
+        version = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
+    dp = dp_factory(cp.address)
+    cache, loop = dp.plane.cache, dp.plane.engine_loop
+    key = f"x@{version}"
+    threads = []
+
+    def start(queued):
+        """Start a plain-name call and wait until it holds its adapter and waits for the engine."""
+        threads.append(threading.Thread(target=generate, args=(dp, "x")))
+        threads[-1].start()
+        assert wait_for(lambda: loop._commands.qsize() == queued)
+
+    with engine_held(loop):
+        start(1)
+        with cp.client() as c:
+            c.delete_adapter("x")
+            assert wait_for(lambda: "x" not in cache.versions)  # retired while a request holds it
+            assert c.create_adapter("x", str(adapter_dirs["rank4"]),
+                                    wait=True).version == version
+        assert wait_for(lambda: loop._commands.qsize() == 2)
+        start(3)  # resolves the name again: the same version, current once more
+    for t in threads:
+        t.join(60)
+    assert key in cache.cpu and not cache._retired  # it used to be dropped after every request
+    metrics = dp.plane.metrics.registry
+
+    def cpu_hits():
+        return metrics.get_sample_value("loraplane_adapter_cache_lookups_total", {"tier": "cpu", "result": "hit"})
+
+    hits = cpu_hits()
+    for _ in range(2):
+        generate(dp, "x")
+    assert cpu_hits() == hits + 2 and key in cache.cpu
