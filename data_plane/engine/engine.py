@@ -151,13 +151,13 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; the deltas of every request that produced a token or finished."""
-        outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
         self.last_step_ran = batch is not None
-        if batch is None:
-            return outputs
-        token_ids = self.runner.run(batch)
-        return outputs + self.postprocess(batch, token_ids)
+        produced = self.postprocess(batch, self.runner.run(batch)) if batch is not None else []
+        # Taken only once the batch ran: if it raised, the aborted requests' final outputs come with
+        # the next step instead of being lost (their streams would never be closed).
+        outputs, self._aborted = self._aborted, []
+        return outputs + produced
 
     def postprocess(self, batch: Batch, token_ids: list[int]) -> list[RequestOutput]:
         """token_ids: one per request that batch.sample picks; the others fed a chunk of their prompt."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_plane.engine.request import SamplingParams
+from data_plane.engine.request import FinishReason, SamplingParams
 from data_plane.lora.cpu_cache import CpuCache
 from data_plane.lora.slot_table import SlotTable
 from data_plane.server.engine_loop import EngineLoop
@@ -73,6 +73,44 @@ def test_an_adapter_no_slot_can_hold_fails_its_requests_and_the_others_still_get
         assert streams["older"].empty() and not loop._streams
     finally:
         events.close()
+
+
+def test_a_request_aborted_just_before_a_failed_step_still_gets_its_final_output(setup):
+    model, _ = setup
+    loop = EngineLoop(make_engine(model, max_loras=1), CpuCache(2, 1 << 30), SlotTable(1, 0))
+    loop.start()
+
+    def fail_next_step_after_aborting(engine):
+        engine.abort("aborted")
+        real_run = engine.runner.run
+
+        def fail_once(batch):  # a fault in the step that follows the abort, as a device error would be
+            engine.runner.run = real_run
+            raise RuntimeError("injected device fault")
+
+        engine.runner.run = fail_once
+
+    async def scenario():
+        sampling = SamplingParams(max_tokens=100, ignore_eos=True)
+        aborted = await loop.submit([1, 2, 3], sampling, None, "aborted")
+        running = await loop.submit([4, 5, 6], sampling, None, "running")
+        await asyncio.wait_for(running.get(), 60)  # both are running
+        await loop.acall(fail_next_step_after_aborting)
+        failed = await asyncio.wait_for(running.get(), 60)
+        while not isinstance(failed, LoraplaneError) and not failed.finished:  # tokens of earlier steps
+            failed = await asyncio.wait_for(running.get(), 60)
+        outputs = [await asyncio.wait_for(aborted.get(), 60)]
+        while not outputs[-1].finished:
+            outputs.append(await asyncio.wait_for(aborted.get(), 60))
+        return failed, outputs[-1]
+
+    try:
+        failed, last = asyncio.run(scenario())
+        assert isinstance(failed, LoraplaneError) and failed.reason == R.ERROR_REASON_ENGINE_FAILURE
+        assert last.finish_reason is FinishReason.ABORT  # before the fix it was lost with the failed step
+        assert loop.call(lambda _e: dict(loop._streams)).result(60) == {}  # no stream left open
+    finally:
+        loop.stop()
 
 
 def test_build_and_start_builds_in_the_engine_thread_and_serves(setup):
