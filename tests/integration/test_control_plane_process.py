@@ -104,7 +104,17 @@ def test_config_errors_are_clear(capsys, tmp_path):
     assert code == 2 and "max_lora_rank" in capsys.readouterr().err
 
 
-def test_a_wrong_model_path_is_one_clear_line_not_a_traceback(capfd, tmp_path, adapter_root):
+@pytest.fixture
+def torch_threads():
+    """`control-plane` in-process sets torch's thread count for the whole process (serve()); put it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_wrong_model_path_is_one_clear_line_not_a_traceback(capfd, tmp_path, adapter_root, torch_threads):
     missing = tmp_path / "no-such-model"
     code = main(["control-plane", "--base-model", str(missing), "--data-dir", str(tmp_path / "cp")])
     err = capfd.readouterr().err

@@ -63,8 +63,8 @@ def test_cli_connection_flags_and_json_work_after_the_command_too(cp, good_adapt
     # Given twice, the one after the command wins; the parent's stays when the command's is absent.
     assert main(["adapters", "--address", cp.address, "--token", "wrong", "list", "--token", cp.token]) == 0
     assert "placed" in capsys.readouterr().out
-    assert main(["adapters", "--address", cp.address, "--token", cp.token, "list", "--timeout", "0.000001"]) == 2
-    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+    assert main(["adapters", "--address", "127.0.0.1:1", "--token", cp.token, "list", "--address", cp.address]) == 0
+    assert "placed" in capsys.readouterr().out
 
 
 def test_cli_auth_failure_says_it_once_and_where_the_token_is(cp, capsys, monkeypatch):
