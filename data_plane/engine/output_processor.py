@@ -54,7 +54,8 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request.request_id, token_ids=tokens, text=text, finished=reason is not None,
             finish_reason=reason, prompt_tokens=request.num_prompt_tokens,
-            completion_tokens=len(request.output_token_ids), adapter=request.adapter)
+            completion_tokens=len(request.output_token_ids), adapter=request.adapter,
+            first_scheduled=request.first_scheduled)
 
 
 def _cut_stop_string(request: Request, old_len: int) -> bool:

@@ -98,6 +98,7 @@ class Request:
     num_committed_blocks: int = 0
     lora_slot: int = -1                       # set by the scheduler for each batch it is in
     num_preemptions: int = 0
+    first_scheduled: float | None = None      # time.perf_counter() when a batch first took it
     # Output text: `text` is everything decoded (stop string cut off); `num_sent_chars` of it
     # have been streamed, the rest is held back while it could still become a stop string.
     text: str = ""
@@ -149,6 +150,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None
+    first_scheduled: float | None = None     # time.perf_counter() when a batch first took the request
 
 
 @dataclass(frozen=True)

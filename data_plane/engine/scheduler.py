@@ -21,6 +21,7 @@ adapter name to the LoRA slot holding it, and only requests whose adapter is in 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -113,6 +114,8 @@ class Scheduler:
             self.blocks.allocate(request, salt)  # a cached prefix counts as computed
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled is None:  # a preempted request's queue time ended the first time
+                request.first_scheduled = time.perf_counter()
             n = min(request.num_uncomputed_tokens, budget)
             admitted.append((request, n))
             budget -= n

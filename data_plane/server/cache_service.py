@@ -25,10 +25,13 @@ class CacheServicer(cache_grpc.AdapterCacheServiceServicer):
         version = key.split("@", 1)[1]
         tiers = [t for t, present in ((GPU, slot is not None), (CPU, key in self.cache.cpu),
                                       (DISK, version in self.cache.disk)) if present]
+        pinned = name in self.cache.pinned
+        # A pin holds the current version's CPU entry like a request does; it is not a request.
+        pin_hold = 1 if pinned and self.cache.versions.get(name) == version else 0
         return cache_pb2.CachedAdapter(
             name=name, version=version, tiers=tiers, slot=-1 if slot is None else slot,
-            pinned=name in self.cache.pinned, size_bytes=self.cache.cpu.size_of(key),
-            active_requests=self.cache.cpu.refs(key))
+            pinned=pinned, size_bytes=self.cache.cpu.size_of(key),
+            active_requests=max(0, self.cache.cpu.refs(key) - pin_hold))
 
     def _entries(self) -> list[cache_pb2.CachedAdapter]:
         gpu = set(self.loop.stats.gpu_adapters)

@@ -99,13 +99,16 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             self.metrics.adapter_requests.labels(lease.name if lease else "").inc()
             submitted = True
             outputs = await self.loop.submit(prompt, sampling, lease.key if lease else None, engine_id)
-            self.metrics.queue_seconds.observe(time.perf_counter() - arrival)
             last = None
+            queued = False
             while not finished:
                 out = await outputs.get()
                 if isinstance(out, LoraplaneError):  # its batch failed, or its adapter cannot be loaded
                     raise out
                 now = time.perf_counter()
+                if not queued and out.first_scheduled is not None:
+                    queued = True  # engine and service share one perf_counter: same process
+                    self.metrics.queue_seconds.observe(max(0.0, out.first_scheduled - arrival))
                 if out.token_ids:
                     (self.metrics.ttft_seconds.observe(now - arrival) if last is None
                      else self.metrics.itl_seconds.observe(now - last))

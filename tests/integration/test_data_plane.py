@@ -179,6 +179,7 @@ def test_register_pinned_reaches_the_data_plane_and_a_freed_pin_budget_is_reused
     with cp.client() as admin:
         admin.create_adapter("delta", str(cp.config.allowed_roots[0] / "dp-beta"), wait=True, pinned=True)
     assert wait_for(lambda: entry("delta").pinned and gpu in entry("delta").tiers)
+    assert entry("delta").active_requests == 0, "the pin's hold on the CPU entry is no request"
     with cp.client() as admin:
         admin.pin_adapter("alpha")
     assert wait_for(lambda: entry("alpha").pinned)
@@ -335,3 +336,24 @@ def test_engine_failure_fails_the_batch_and_the_replica_keeps_serving(plane, ora
         assert tokens(c, PROMPTS[0], "beta")[0] == oracle[("beta", 0)]
     stats = dp.plane.engine_loop.stats
     assert wait_for(lambda: dp.plane.engine_loop.stats.running == 0) and stats.kv_usage == 0
+
+
+def test_queue_time_runs_until_the_engine_schedules_the_request(cp_factory, dp_factory):
+    """loraplane_request_queue_seconds is arrival to first scheduled step: with one sequence at a
+    time, a request behind a long one queues for about that one's whole run (it used to be timed
+    only to the hand-off to the engine thread, a few ms)."""
+    cp = cp_factory()
+    dp = dp_factory(cp.address, max_num_seqs=1)
+    with dp.client() as c:
+        first = c.generate(PROMPTS[0], max_tokens=60, ignore_eos=True)
+        next(first)  # running: the next request must wait for all of it
+        second = threading.Thread(target=lambda: tokens(c, PROMPTS[1]))
+        second.start()
+        for _ in first:
+            pass
+        second.join(60)
+    registry = dp.plane.metrics.registry
+    queued = registry.get_sample_value("loraplane_request_queue_seconds_sum")
+    ttft = registry.get_sample_value("loraplane_time_to_first_token_seconds_sum")
+    assert registry.get_sample_value("loraplane_request_queue_seconds_count") == 2
+    assert queued >= 0.5 * ttft, (queued, ttft)
