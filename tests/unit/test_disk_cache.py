@@ -50,3 +50,12 @@ def test_start_up_removes_partial_files_and_keeps_the_entries(tmp_path):
     cache = DiskCache(tmp_path, 1 << 20)
     assert sorted(p.name for p in tmp_path.iterdir()) == [hashlib.sha256(data).hexdigest() + ".safetensors"]
     assert cache.versions() == [digest(data)] and cache.get(digest(data)) == data
+
+
+def test_an_entry_that_cannot_be_read_is_a_miss_not_an_error(tmp_path):
+    version = digest(b"whatever")
+    (tmp_path / (version.removeprefix("sha256:") + ".safetensors")).mkdir()  # read_bytes: IsADirectoryError
+    cache = DiskCache(tmp_path, 1 << 20)
+    assert version in cache
+    assert cache.get(version) is None
+    assert version not in cache
