@@ -148,6 +148,11 @@ class AdapterCache:
             self.disk.remove(version)
         return key
 
+    def evict_cpu(self, key: str) -> None:
+        """Drop `key` from the CPU tier now, or when its last request releases it."""
+        if not self.cpu.remove(key):
+            self._retired.add(key)
+
     def is_retired(self, key: str) -> bool:
         return key in self._retired
 

@@ -85,12 +85,16 @@ class CacheServicer(cache_grpc.AdapterCacheServiceServicer):
             if not keys:
                 raise LoraplaneError(R.ERROR_REASON_ADAPTER_NOT_FOUND, f"adapter {name!r} is not cached here",
                                      {"name": name})
+            if name in self.cache.pinned:
+                # The pin would put it straight back (or hold it forever): the registry decides.
+                raise LoraplaneError(R.ERROR_REASON_ADAPTER_PINNED,
+                                     f"adapter {name!r} is pinned; unpin it in the registry first", {"name": name})
             tier = request.tier or DISK
             for key in keys:
                 # GPU always, CPU and disk too when asked: a slower tier never holds less than a faster one.
                 await self.loop.acall(lambda _e, k=key: self.loop.evict_later(k))
                 if tier in (CPU, DISK):
-                    self.cache.cpu.remove(key)
+                    self.cache.evict_cpu(key)
                 if tier == DISK:
                     self.cache.disk.remove(key.split("@", 1)[1])
             return cache_pb2.EvictAdapterResponse()

@@ -73,7 +73,8 @@ class AdapterCacheServiceServicer:
 
     def EvictAdapter(self, request, context):
         """Drops an adapter from a tier (and the tiers above it). Adapters in use
-        are evicted once their requests finish.
+        are evicted once their requests finish. A pinned adapter is refused
+        (ADAPTER_PINNED): unpin it in the registry first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,3 +85,25 @@ def test_a_draining_replica_refuses_prefetch_and_still_lists(cp, dp_factory):
             assert "a1" not in dp.plane.cache.versions and dp.plane.fetcher.fetches == 1  # nothing fetched
         list(stream)
         stopper.join(60)
+
+
+def test_evict_waits_for_requests_in_flight_and_refuses_a_pinned_adapter(cp, dp_factory):
+    dp = dp_factory(cp.address)
+    cache = dp.plane.cache
+    lease = dp.thread.call(cache.acquire("a1"))  # a request holding a1 in the CPU tier
+
+    async def release():
+        cache.release(lease)
+
+    with dp.client() as c:
+        c.evict_adapter("a1", CPU)
+        assert lease.key in cache.cpu, "in use: it stays until its request ends"
+        dp.thread.call(release())
+        assert lease.key not in cache.cpu, "and goes when it does (it used to stay for good)"
+        with cp.client() as admin:
+            admin.pin_adapter("a0")
+        assert wait_for(lambda: cache.pinned == {"a0"})
+        with pytest.raises(LoraplaneError) as e:
+            c.evict_adapter("a0")
+        assert (e.value.code, e.value.reason_name) == (grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_PINNED")
+        assert "a0" in {a.name for a in c.list_cached_adapters().adapters}
