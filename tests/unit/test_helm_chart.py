@@ -533,6 +533,28 @@ def test_in_cluster_redis_is_persistent_with_aof(rendered):
     assert data["redis-url"] == f"redis://:{data['redis-password']}@lp-loraplane-redis.{NAMESPACE}.svc:6379/0"
 
 
+def test_a_new_redis_password_restarts_redis_and_survives_the_url(chart):
+    def redis_checksum(docs):
+        return one(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+
+    old = render(chart, {"redis": {"auth": {"password": "old"}}})
+    new = render(chart, {"redis": {"auth": {"password": "p w+x/y@z#"}}})
+    # Redis restarts with the new --requirepass as the planes roll onto the URL that carries it.
+    assert redis_checksum(old) != redis_checksum(new)
+    assert redis_checksum(render(chart, {"redis": {"auth": {"password": "old"}}})) == redis_checksum(old)
+    from redis.connection import parse_url
+
+    url = secret_data(new, "lp-loraplane-redis")["redis-url"]
+    assert parse_url(url)["password"] == "p w+x/y@z#", url  # a space is %20, not "+"
+
+
+def test_disk_cache_bytes_zero_disables_the_tier(chart):
+    docs = render(chart, {"dataPlane": {"diskCache": {"bytes": 0}}})
+    dp = one(docs, "Deployment", "data-plane")
+    assert "--disk-cache-bytes=0" in container(dp, "data-plane")["args"]
+    assert volume(dp, "adapter-cache") == {"name": "adapter-cache", "emptyDir": {}}
+
+
 def test_redis_without_auth_or_persistence(rendered):
     docs = rendered["hostpath-mig-digest"]
     sts = one(docs, "StatefulSet", "redis")
@@ -840,6 +862,8 @@ def test_notes_commands_are_tls_aware(chart, scenario):
     ({"tls": {"secretName": "Not_A_Name"}}, "/tls/secretName"),
     ({"tls": {"healthPort": 0}}, "/tls/healthPort"),
     ({"tls": {"clientCa": "ca.crt"}}, "clientCa"),
+    ({"dataPlane": {"maxLoras": 0}}, "/dataPlane/maxLoras"),         # the data plane refuses 0 at start
+    ({"dataPlane": {"maxCpuLoras": 0}}, "/dataPlane/maxCpuLoras"),
 ])
 def test_schema_rejects_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -864,6 +888,7 @@ def test_schema_rejects_bad_values(chart, values, where):
     ({"tls": {"enabled": True, "secretName": "t", "healthPort": 50051}}, "must differ from controlPlane.port"),
     ({"tls": {"enabled": True, "secretName": "t", "healthPort": 50052}}, "must differ from dataPlane.port"),
     ({"tls": {"enabled": True, "secretName": "t", "healthPort": 9090}}, "must differ from dataPlane.metricsPort"),
+    ({"dataPlane": {"maxLoras": 8, "maxCpuLoras": 4}}, "must be >= dataPlane.maxLoras"),
 ])
 def test_inconsistent_values_fail_the_render(chart, values, message):
     with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as err:

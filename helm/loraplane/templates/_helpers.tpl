@@ -331,6 +331,9 @@ so they run on install, upgrade, template and lint alike.
 {{- fail "externalRedis.sentinel.hosts must list at least one host:port" }}
 {{- end }}
 {{- end }}
+{{- if lt (.Values.dataPlane.maxCpuLoras | int) (.Values.dataPlane.maxLoras | int) }}
+{{- fail (printf "dataPlane.maxCpuLoras (%d) must be >= dataPlane.maxLoras (%d): every adapter in a GPU slot is also held in the CPU tier" (.Values.dataPlane.maxCpuLoras | int) (.Values.dataPlane.maxLoras | int)) }}
+{{- end }}
 {{- range $name, $plane := dict "controlPlane" .Values.controlPlane "dataPlane" .Values.dataPlane }}
 {{- $tgps := include "loraplane.terminationGracePeriodSeconds" $plane | int }}
 {{- if le (float64 $tgps) (float64 $plane.gracePeriodSeconds) }}
