@@ -30,6 +30,7 @@ from loraplane.v1 import cache_service_pb2 as cache_pb2
 from loraplane.v1 import distribution_service_pb2 as dist_pb2
 from loraplane.v1 import generation_service_pb2 as gen_pb2
 from loraplane.v1 import registry_service_pb2 as reg_pb2
+from tests.integration.dp_helpers import wait_for
 from tests.servers import RunningControlPlane, RunningDataPlane
 
 S = grpc.StatusCode
@@ -486,19 +487,8 @@ def test_bad_input(planes, good_adapter, index):
     assert snapshot(cp, dp) == before
     stats = dp.plane.engine_loop.stats
     if case.service == "generation":
-        assert _settles(lambda: dp.plane.generation.active == 0 and dp.plane.engine_loop.stats.running == 0)
+        assert wait_for(lambda: dp.plane.generation.active == 0 and dp.plane.engine_loop.stats.running == 0)
         assert dp.plane.engine_loop.stats.kv_usage == 0, stats
-
-
-def _settles(predicate, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_duplicate_request_id_never_touches_the_running_request(planes):

@@ -16,6 +16,7 @@ from loraplane.errors import LoraplaneError
 from loraplane.v1 import cache_service_pb2 as cache_pb2
 from loraplane.v1 import generation_service_pb2 as gen_pb2
 from tests.factories import make_peft_adapter
+from tests.integration.dp_helpers import wait_for
 
 PROMPTS = [[5, 17, 42, 99, 7], [3, 14, 15, 92, 65, 35, 89], [200, 100, 50]]
 N = 8
@@ -135,15 +136,6 @@ def test_concurrent_misses_share_one_fetch(plane):
         t.join(60)
     assert len(outs) == 6 and all(o == outs[0] for o in outs)
     assert dp.plane.fetcher.fetches == 1
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def cached(dp):

@@ -30,6 +30,7 @@ from loraplane.errors import LoraplaneError
 from loraplane.v1 import generation_service_pb2 as gen_pb2
 from loraplane.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.factories import make_peft_adapter
+from tests.integration.dp_helpers import wait_for
 
 CLIENTS = 200
 MAX_NUM_SEQS = 8  # the servicer admits 8x this (64) queued + running; 200 clients overflow it
@@ -164,7 +165,7 @@ def test_200_streaming_clients_complete_or_are_refused_cleanly_and_nothing_leaks
         # Warm up first (allocator pools, gRPC threads, every adapter fetched once): the baseline
         # is a server that has already done this work.
         asyncio.run(Load(dp.address, WARMUP_SECONDS).run())
-        assert wait_until(idle, 30)
+        assert wait_for(idle, 30)
         time.sleep(1.0)
         fds0, rss0 = proc_fds(dp.pid), proc_rss_mb(dp.pid)
 
@@ -178,11 +179,11 @@ def test_200_streaming_clients_complete_or_are_refused_cleanly_and_nothing_leaks
         assert load.outcomes["completed"] > 0 and load.outcomes["refused"] > 0, load.outcomes
 
         # Nothing leaked: engine idle, KV free, no adapter held, the admission count back at zero.
-        assert wait_until(idle, 30), scrape(metrics_port)
+        assert wait_for(idle, 30), scrape(metrics_port)
         with Client(dp.address) as c:
             cached = c.list_cached_adapters()
             assert all(a.active_requests == 0 for a in cached.adapters), cached
-        assert wait_until(lambda: proc_fds(dp.pid) <= fds0 + 3, 20), (fds0, proc_fds(dp.pid))
+        assert wait_for(lambda: proc_fds(dp.pid) <= fds0 + 3, 20), (fds0, proc_fds(dp.pid))
         fds1, rss1 = proc_fds(dp.pid), proc_rss_mb(dp.pid)
         assert rss1 < rss0 * 1.25 + 64, (rss0, rss1)
         # A burst of exactly the admission limit is all accepted: no phantom request holds a place.
@@ -229,15 +230,6 @@ async def _burst(load: Load, n: int) -> None:
     await asyncio.sleep(2.0)
     gate.set()
     await asyncio.gather(*tasks)
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # ---- the registry under 64 racing admins -----------------------------------------------------------
@@ -359,7 +351,7 @@ def test_64_admins_racing_create_pin_delete_leave_a_consistent_registry(
     assert not unexpected, unexpected[:20]
     # Let every started ingest finish (or fail) before judging the state.
     with cp.client() as c:
-        assert wait_until(lambda: not any(list(c.list_adapters(state=s)) for s in ("pending", "downloading",
+        assert wait_for(lambda: not any(list(c.list_adapters(state=s)) for s in ("pending", "downloading",
                                                                                    "validating")), 60)
     violations = registry_violations(redis_url, redis_prefix, cp.config.artifact_dir)
     assert not violations, violations
@@ -402,7 +394,7 @@ def test_recreating_a_pinned_failed_adapter_keeps_the_pinned_set_consistent(cp, 
     """A FAILED record may be replaced by a new registration; its pin must not outlive it."""
     with cp.client() as c:
         c.create_adapter("phoenix", str(adapter_root / "not-there"))
-        assert wait_until(lambda: c.get_adapter("phoenix").state == 5, 20)
+        assert wait_for(lambda: c.get_adapter("phoenix").state == 5, 20)
         c.pin_adapter("phoenix")
         replaced = c.create_adapter("phoenix", str(good_adapter), wait=True)
         assert replaced.state == 4 and not replaced.pinned
@@ -452,7 +444,7 @@ def test_a_stale_ingest_never_completes_a_newer_registration(cp_factory, load_ad
             c.delete_adapter("reborn")
             c.create_adapter("reborn", str(load_adapters["l2"]))  # job 2 waits behind it
             hub.release()  # the gatekeeper fails; the queued jobs run
-            assert wait_until(lambda: c.get_adapter("reborn").state in (4, 5), 30)
+            assert wait_for(lambda: c.get_adapter("reborn").state in (4, 5), 30)
             reborn = c.get_adapter("reborn")
             assert (reborn.state, reborn.source, reborn.version) == (4, f"file://{load_adapters['l2']}", expected)
             assert c.get_adapter("gatekeeper").state == 5
