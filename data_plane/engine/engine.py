@@ -92,13 +92,16 @@ class Engine:
             raise invalid_argument("sampling", f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if request_id is None:
             request_id = uuid.uuid4().hex
-        if not isinstance(request_id, str) or not request_id or request_id in self._requests:
+        if (not isinstance(request_id, str) or not request_id or request_id in self._requests
+                or any(out.request_id == request_id for out in self._aborted)):  # its ABORT is still due
             raise invalid_argument("request_id", f"request_id must be a new non-empty string, got {request_id!r}")
         if adapter is not None and (not isinstance(adapter, str) or not adapter):
             raise invalid_argument("adapter", "adapter must be a non-empty name, or None for the base model")
         if adapter is not None and self.loras is None:
             raise invalid_argument("adapter", "this engine has max_loras=0: LoRA adapters are disabled")
         sampling.validate(self.spec.vocab_size)
+        if sampling.stop and self.tokenizer is None:
+            raise invalid_argument("stop", "stop strings need a tokenizer and this model has none; use stop_token_ids")
         token_ids = self._prompt_token_ids(prompt)
         request = Request(request_id, token_ids, sampling, adapter, generator=self._generator(sampling.seed))
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer is not None else None
@@ -112,6 +115,11 @@ class Engine:
             if self.tokenizer is None:
                 raise invalid_argument("prompt", "this model has no tokenizer: give prompt token ids")
             token_ids = list(self.tokenizer(prompt).input_ids)
+            # A tokenizer with added tokens the embeddings never grew for: an id past the vocabulary
+            # would fail the whole step, every co-batched request with it.
+            if any(not 0 <= t < self.spec.vocab_size for t in token_ids):
+                raise invalid_argument("prompt", f"the prompt tokenizes to ids outside the model's vocabulary "
+                                                 f"[0, {self.spec.vocab_size}); the tokenizer does not match the model")
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):
             token_ids = list(prompt)

@@ -26,12 +26,17 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+# Below this a temperature is greedy, as in vLLM: logits / 1e-45 overflow to inf, and the NaN
+# probabilities that follow make torch.multinomial raise inside the step, failing the whole batch.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults as the GenerationService proto: greedy, 16 tokens."""
 
     max_tokens: int = 16
-    temperature: float = 0.0                 # 0 = greedy
+    temperature: float = 0.0                 # below SAMPLING_EPS = greedy
     top_p: float = 1.0                       # in (0, 1]
     top_k: int = 0                           # 0 = off
     seed: int | None = None                  # same output whatever the batch around the request
@@ -41,7 +46,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen, so a request's params never change under it.
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # One string is one stop string (as vLLM's str | list[str]), not its characters.
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     def validate(self, vocab_size: int) -> None:
@@ -65,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 def _is_int(value) -> bool:

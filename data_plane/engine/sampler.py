@@ -49,7 +49,9 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> tuple[torc
     """Sorted (descending) probabilities after temperature, top-k and top-p, and the sort order."""
     device = logits.device
     temps = torch.tensor([r.sampling.temperature for r in requests], device=device)
-    top_k = torch.tensor([r.sampling.top_k or logits.shape[1] for r in requests], device=device)
+    # Capped at the vocabulary: any top_k >= it keeps every token, and a 64-bit one would not fit the tensor.
+    top_k = torch.tensor([min(r.sampling.top_k or logits.shape[1], logits.shape[1]) for r in requests],
+                         device=device)
     top_p = torch.tensor([r.sampling.top_p for r in requests], device=device)
     logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[1], device=device)

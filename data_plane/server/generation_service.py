@@ -17,9 +17,6 @@ from loraplane.v1 import generation_service_pb2_grpc as gen_grpc
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16
-# Below this a temperature is greedy, as in vLLM: logits / 1e-45 overflow to inf, and the NaN
-# probabilities that follow make torch.multinomial raise inside the engine thread.
-SAMPLING_EPS = 1e-5
 MAX_REQUEST_ID = 256
 FINISH = {FinishReason.STOP: gen_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: gen_pb2.FINISH_REASON_LENGTH,
           FinishReason.ABORT: gen_pb2.FINISH_REASON_ABORT}
@@ -27,10 +24,9 @@ FINISH = {FinishReason.STOP: gen_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: ge
 
 def sampling_from_proto(s: gen_pb2.SamplingParams) -> SamplingParams:
     """Proto defaults -> engine params; range checks happen in the engine (one place)."""
-    temperature = 0.0 if 0 < s.temperature < SAMPLING_EPS else s.temperature
     return SamplingParams(
         max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
-        temperature=temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
+        temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
         ignore_eos=s.ignore_eos)
 

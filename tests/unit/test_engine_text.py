@@ -7,6 +7,7 @@ import pytest
 from data_plane.engine.detokenizer import IncrementalDetokenizer
 from data_plane.engine.output_processor import OutputProcessor
 from data_plane.engine.request import FinishReason, Request, SamplingParams
+from loraplane.errors import LoraplaneError
 from tests.unit.engine_helpers import artifacts, make_engine, one_thread  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,3 +116,26 @@ def test_text_that_may_start_a_stop_string_is_held_back():
     assert processor.append_token(request, ord("D")) is FinishReason.STOP
     final = processor.output(request, FinishReason.STOP)
     assert final.text == "" and final.finished and request.text == "abENx"
+
+
+def test_a_prompt_the_tokenizer_maps_past_the_vocabulary_is_refused(artifacts):  # noqa: F811
+    """A tokenizer with tokens the embeddings never grew for (added tokens, or the wrong tokenizer):
+    refused at add_request, where it used to fail the whole step and every request batched with it."""
+    from tests.unit.engine_helpers import TOKENIZER_VOCAB
+
+    small = artifacts.model("llama", vocab_size=TOKENIZER_VOCAB - 64)
+    engine = make_engine(small, max_loras=1, tokenizer=str(artifacts.model("llama", tokenizer=True)))
+    ok = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(LoraplaneError) as err:
+        engine.add_request("hello world, the quick brown fox", SamplingParams(max_tokens=4))
+    assert err.value.metadata["field"] == "prompt" and "vocabulary" in str(err.value)
+    done = {out.request_id: out for _ in range(8) for out in engine.step() if out.finished}
+    assert done[ok].completion_tokens == 4
+
+
+def test_stop_strings_without_a_tokenizer_are_refused_and_one_string_is_one_stop(artifacts):  # noqa: F811
+    engine = make_engine(artifacts.model("llama"), max_loras=1)
+    with pytest.raises(LoraplaneError) as err:
+        engine.add_request([1, 2, 3], SamplingParams(stop=["END"]))
+    assert err.value.metadata["field"] == "stop"
+    assert SamplingParams(stop="END").stop == ("END",)

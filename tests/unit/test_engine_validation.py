@@ -118,3 +118,16 @@ def test_config_defaults_and_aliases():
     config = EngineConfig(model="m", dtype="bf16", max_model_len=4096)
     assert config.dtype == "bfloat16" and config.max_num_batched_tokens == 4096
     assert config.blocks_per_seq == 256
+
+
+def test_a_request_id_whose_abort_is_still_due_is_not_reused(engine):
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), request_id="gone")
+    engine.abort("gone")
+    with pytest.raises(LoraplaneError) as err:
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), request_id="gone")
+    assert err.value.metadata["field"] == "request_id"
+    finals = [out for out in engine.step() if out.request_id == "gone"]
+    assert [(o.finished, o.token_ids) for o in finals] == [(True, ())]
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), request_id="gone")  # delivered: free again
+    engine.abort("gone")
+    engine.step()

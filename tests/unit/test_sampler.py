@@ -114,3 +114,10 @@ def _tokens(engine) -> dict[str, list[int]]:
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
     return tokens
+
+
+def test_a_temperature_below_the_epsilon_is_greedy_and_a_huge_top_k_keeps_everything():
+    """Both used to fail the step (NaN probabilities; a top_k that does not fit a tensor)."""
+    logits = PROBS.log()[None, :]
+    assert Sampler()(logits.clone(), [request(temperature=1e-40)])[0] == 1
+    assert draws(200, temperature=1.0, top_k=2**63, seed=3).tolist() == draws(200, temperature=1.0, seed=3).tolist()
