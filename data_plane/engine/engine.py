@@ -69,6 +69,9 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(self.model, self.kv, config.kv_block_size, self.loras, device)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        if config.tokenizer and self.tokenizer is None:
+            # Asked for by name: a mistyped path must not quietly make this a token-ids-only engine.
+            raise ValueError(f"tokenizer: no tokenizer files in {config.tokenizer}")
         eos = set(self.args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

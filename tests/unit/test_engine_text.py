@@ -139,3 +139,8 @@ def test_stop_strings_without_a_tokenizer_are_refused_and_one_string_is_one_stop
         engine.add_request([1, 2, 3], SamplingParams(stop=["END"]))
     assert err.value.metadata["field"] == "stop"
     assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_a_tokenizer_path_given_by_name_must_hold_a_tokenizer(artifacts, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        make_engine(artifacts.model("llama"), max_loras=1, tokenizer=str(tmp_path / "typo"))
