@@ -119,7 +119,7 @@ class DataPlane:
         else:
             logger.warning("no --redis-url: no registry events (pins, deletes) and no heartbeat")
         if c.metrics_port is not None:
-            self._metrics_server = self.metrics.serve(c.metrics_port)
+            self._metrics_server = self.metrics.serve(c.metrics_port, c.metrics_host)
         await self.grpc.set_serving(True)
         logger.info("data plane %s serving %s on port %d (%s, max_loras=%d, control plane %s)", c.replica_id,
                     model_name, self.port, c.device, c.max_loras, c.control_plane)

@@ -42,6 +42,7 @@ class DataPlaneConfig:
     distribution_token: str | None = None
     admin_token: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # "::" on IPv6-only clusters
     grace_period_s: float = 30.0
     heartbeat_s: float = 2.0
     fetch_timeout_s: float = 30.0
@@ -150,6 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", help="token required on AdapterCacheService (env LORAPLANE_ADMIN_TOKEN)")
     p.add_argument("--admin-token-file", type=Path)
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0",
+                   help="address the /metrics server binds (default: %(default)s; :: on IPv6-only clusters)")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
     p.add_argument("--control-plane-tls", action="store_true",
                    help="TLS to the control plane, verified against the system's trust store (for a control plane "
@@ -178,7 +181,7 @@ def from_args(args: argparse.Namespace) -> DataPlaneConfig:
         distribution_token=load_token(args.distribution_token, "LORAPLANE_DISTRIBUTION_TOKEN",
                                       args.distribution_token_file),
         admin_token=load_token(args.admin_token, "LORAPLANE_ADMIN_TOKEN", args.admin_token_file),
-        metrics_port=args.metrics_port, grace_period_s=args.grace_period, control_plane_tls=args.control_plane_tls,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, grace_period_s=args.grace_period, control_plane_tls=args.control_plane_tls,
         control_plane_ca=args.control_plane_ca,
         control_plane_client_cert=args.control_plane_client_cert, control_plane_client_key=args.control_plane_client_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

@@ -349,3 +349,19 @@ def test_queue_time_runs_until_the_engine_schedules_the_request(cp_factory, dp_f
     ttft = registry.get_sample_value("loraplane_time_to_first_token_seconds_sum")
     assert registry.get_sample_value("loraplane_request_queue_seconds_count") == 2
     assert queued >= 0.5 * ttft, (queued, ttft)
+
+
+def test_metrics_bind_the_host_given_ipv6_included(cp_factory, dp_factory):
+    """IPv6-only clusters need /metrics on ::; 0.0.0.0 was hard-coded (the scrape was refused)."""
+    import socket
+
+    from loraplane.embedded_redis import free_port
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    port = free_port()
+    dp_factory(cp_factory().address, metrics_port=port, metrics_host="::1")
+    with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as r:
+        assert b"loraplane_requests_waiting" in r.read()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
