@@ -19,7 +19,9 @@ from data_plane.lora.cpu_cache import CpuCache
 from data_plane.lora.disk_cache import DiskCache
 from data_plane.lora.fetcher import Fetcher
 from loraplane.adapter_format import NormalizedAdapter
+from loraplane.errors import LoraplaneError
 from loraplane.names import parse_reference
+from loraplane.v1 import errors_pb2 as R
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,34 @@ class AdapterCache:
         if self.metrics:
             self.metrics.cache_lookup(tier, hit)
 
+    async def _version(self, ref: str) -> tuple[str, str, bool]:
+        """(name, version, whether the control plane was asked) for "name" or "name@version"."""
+        name, version = parse_reference(ref, "adapter")
+        if version:
+            return name, version, False
+        version = self.versions.get(name) or ""
+        if version and (adapter_key(name, version) in self.cpu or version in self.disk):
+            return name, version, False
+        # Unknown here, or known but no longer cached: ask the control plane what is current.
+        return name, (await self.fetcher.resolve(name)).version, True
+
+    async def download(self, ref: str) -> Lease:
+        """Put `ref` in the disk tier only (PrefetchAdapter tier=DISK); nothing is held afterwards."""
+        name, version, resolved = await self._version(ref)
+        if version not in self.disk:
+            if not self.disk.enabled:
+                raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                     "the disk tier is off on this replica (--disk-cache-bytes 0)", {"name": name})
+            data = await self.fetcher.fetch(name, version)
+            for v in await asyncio.to_thread(self.disk.put, version, data):
+                self._evicted("disk", v)
+        if resolved:
+            self.versions[name] = version
+        return Lease(name, version, adapter_key(name, version))
+
     async def acquire(self, ref: str) -> Lease:
         """Hold `ref` ("name" or "name@version") in the CPU tier for one request."""
-        name, version = parse_reference(ref, "adapter")
-        resolved = False
-        if not version:
-            version = self.versions.get(name) or ""
-            if not version or not (adapter_key(name, version) in self.cpu or version in self.disk):
-                # Unknown here, or known but no longer cached: ask the control plane what is current.
-                version = (await self.fetcher.resolve(name)).version
-                resolved = True
+        name, version, resolved = await self._version(ref)
         key = adapter_key(name, version)
         # One lookup per request: a hit if the CPU tier had it, one miss however long the load takes
         # (a request that waits on another's in-flight load is still one miss, not one per retry).

@@ -58,6 +58,10 @@ class CacheServicer(cache_grpc.AdapterCacheServiceServicer):
             if request.tier not in (cache_pb2.CACHE_TIER_UNSPECIFIED, GPU, CPU, DISK):
                 raise invalid_argument("tier", f"unknown tier {request.tier}")
             tier = request.tier or CPU
+            if tier == DISK:  # the download only: nothing parsed, nothing in the CPU tier
+                lease = await self.cache.download(name)
+                slot = await self.loop.acall(lambda _e: self.loop.slots.slot_of(lease.key))
+                return cache_pb2.PrefetchAdapterResponse(adapter=self._entry(lease.key, lease.name, slot))
             lease = await self.cache.acquire(name)
             try:
                 slot = await self.loop.acall(lambda _e: self._place(lease.key, tier == GPU))

@@ -107,3 +107,20 @@ def test_evict_waits_for_requests_in_flight_and_refuses_a_pinned_adapter(cp, dp_
             c.evict_adapter("a0")
         assert (e.value.code, e.value.reason_name) == (grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_PINNED")
         assert "a0" in {a.name for a in c.list_cached_adapters().adapters}
+
+
+def test_a_disk_prefetch_stops_after_the_download(cp, dp_factory):
+    """tier=DISK puts the artifact on disk and nothing in the CPU tier, as the proto says."""
+    DISK = cache_pb2.CACHE_TIER_DISK
+    dp = dp_factory(cp.address)
+    with dp.client() as c:
+        entry = c.prefetch_adapter("a2", DISK)
+        assert list(entry.tiers) == [DISK] and entry.slot == -1
+        assert f"a2@{entry.version}" not in dp.plane.cache.cpu and entry.version in dp.plane.cache.disk
+        assert list(c.prefetch_adapter("a2", DISK).tiers) == [DISK]  # again: already there, no fetch
+    assert dp.plane.fetcher.fetches == 1
+    off = dp_factory(cp.address, disk_cache_bytes=0)
+    with off.client() as c:
+        with pytest.raises(LoraplaneError) as e:
+            c.prefetch_adapter("a2", DISK)
+        assert (e.value.code, e.value.reason_name) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED")
