@@ -75,8 +75,11 @@ class AdapterCache:
                 raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
                                      "the disk tier is off on this replica (--disk-cache-bytes 0)", {"name": name})
             data = await self.fetcher.fetch(name, version)
-            for v in await asyncio.to_thread(self.disk.put, version, data):
-                self._evicted("disk", v)
+            try:
+                await self._put_on_disk(version, data)
+            except OSError as e:
+                raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                     f"the disk tier could not store {name!r}: {e.strerror}", {"name": name}) from None
         if resolved:
             self.versions[name] = version
         return Lease(name, version, adapter_key(name, version))
@@ -129,8 +132,7 @@ class AdapterCache:
             data = await self.fetcher.fetch(name, version)
             source = "control_plane"
             try:
-                for v in await asyncio.to_thread(self.disk.put, version, data):
-                    self._evicted("disk", v)
+                await self._put_on_disk(version, data)
             except OSError as e:
                 # The disk tier is a cache: a full or failing volume costs a later cold start a
                 # fetch, not this request its adapter (the bytes are verified and in memory).
@@ -143,6 +145,11 @@ class AdapterCache:
         logger.info("adapter %s loaded into the CPU tier from %s in %.0f ms", key, source,
                     (time.perf_counter() - t0) * 1e3)
         return adapter
+
+    async def _put_on_disk(self, version: str, data: bytes) -> None:
+        """Write to the disk tier (OSError when the volume refuses), counting what it evicted."""
+        for v in await asyncio.to_thread(self.disk.put, version, data):
+            self._evicted("disk", v)
 
     def _parse(self, data: bytes) -> NormalizedAdapter:
         adapter = NormalizedAdapter.from_bytes(data)
@@ -161,17 +168,18 @@ class AdapterCache:
         if version is None:
             return None
         key = adapter_key(name, version)
-        if not self.cpu.remove(key):
-            self._retired.add(key)
+        if not self.evict_cpu(key):
             logger.info("adapter %s retired; it leaves the CPU tier when its requests finish", key)
         if version not in self.versions.values():  # the disk tier is by digest: another name may share it
             self.disk.remove(version)
         return key
 
-    def evict_cpu(self, key: str) -> None:
-        """Drop `key` from the CPU tier now, or when its last request releases it."""
-        if not self.cpu.remove(key):
-            self._retired.add(key)
+    def evict_cpu(self, key: str) -> bool:
+        """Drop `key` from the CPU tier now (True), or when its last request releases it (False)."""
+        if self.cpu.remove(key):
+            return True
+        self._retired.add(key)
+        return False
 
     def is_retired(self, key: str) -> bool:
         return key in self._retired

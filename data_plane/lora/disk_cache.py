@@ -72,7 +72,7 @@ class DiskCache:
             # A bad sector, a permission changed under us: the tier is a cache, so this is a miss and
             # the adapter comes from the control plane, not a failed request.
             logger.warning("disk cache file for %s cannot be read (%s); treating it as a miss", version, e)
-            self.remove_quietly(version)
+            self.remove(version)
             return None
         if _PREFIX + hashlib.sha256(data).hexdigest() != version:
             logger.warning("disk cache file for %s is corrupted; dropping it", version)
@@ -110,13 +110,11 @@ class DiskCache:
         return victims
 
     def remove(self, version: str) -> None:
+        """Forget `version`; a file that cannot be deleted is logged, never raised: the tier is a
+        cache, and the entry is gone from the index either way."""
         with self._lock:
             self._index.pop(version, None)
-        self._path(version).unlink(missing_ok=True)
-
-    def remove_quietly(self, version: str) -> None:
-        """remove(), logging instead of raising when the file cannot be deleted either."""
         try:
-            self.remove(version)
+            self._path(version).unlink(missing_ok=True)
         except OSError as e:
             logger.warning("could not remove disk cache file for %s: %s", version, e)
