@@ -28,18 +28,30 @@ class OutputProcessor:
         """Record the token and the text it adds; return why the request finished, if it did."""
         request.output_token_ids.append(token_id)
         params = request.sampling
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-            return FinishReason.STOP
         detokenizer = self.detokenizers.get(request.request_id)
-        if detokenizer is not None:
-            old_len = len(request.text)
-            request.text += detokenizer.add(token_id)
-            if params.stop and _cut_stop_string(request, old_len):
-                del self.detokenizers[request.request_id]  # the text ends at the stop string
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            reason = FinishReason.STOP
+        else:
+            if detokenizer is not None and self._add_text(request, detokenizer.add(token_id)):
                 return FinishReason.STOP
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+            if len(request.output_token_ids) < params.max_tokens and request.num_tokens < self.max_model_len:
+                return None
+            reason = FinishReason.LENGTH
+        # Text still held for an unfinished character can hold a stop string too ("D\ufffd" after
+        # "EN" with stop "END"): flush it through the same check, which makes the end a STOP.
+        if detokenizer is not None and self._add_text(request, detokenizer.flush()):
+            return FinishReason.STOP
+        return reason
+
+    def _add_text(self, request: Request, text: str) -> bool:
+        """Append decoded text; True when it completed a stop string (the text is cut there and the
+        detokenizer dropped: nothing after a stop string is ever emitted)."""
+        old_len = len(request.text)
+        request.text += text
+        if request.sampling.stop and _cut_stop_string(request, old_len):
+            del self.detokenizers[request.request_id]
+            return True
+        return False
 
     def output(self, request: Request, reason: FinishReason | None) -> RequestOutput:
         """The delta since the last output; with `reason` set, the request's final output."""

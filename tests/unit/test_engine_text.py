@@ -118,6 +118,34 @@ def test_text_that_may_start_a_stop_string_is_held_back():
     assert final.text == "" and final.finished and request.text == "abENx"
 
 
+class _PieceTokenizer:
+    """Token ids name byte strings, decoded as a byte-level BPE tokenizer does (errors="replace")."""
+
+    PIECES = {1: b"EN", 2: b"D\xe6", 3: b"x", 9: b""}
+
+    def decode(self, ids, **_):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("last", ["length", "eos"])
+def test_a_stop_string_in_text_held_for_an_unfinished_character_still_stops(last):
+    # "D\xe6" completes "END" but ends in a partial character, so the detokenizer holds it; the
+    # request then ends (max_tokens, or EOS) and the held text is flushed: it must be stop-checked.
+    processor = OutputProcessor(eos_token_ids=(9,), max_model_len=100)
+    request = Request("r", [3], SamplingParams(max_tokens=2 if last == "length" else 5, stop=("END",)), None)
+    processor.track(request, IncrementalDetokenizer(_PieceTokenizer(), request.prompt_token_ids))
+    assert processor.append_token(request, 1) is None
+    assert processor.output(request, None).text == ""  # "EN" may begin "END"
+    if last == "length":
+        reason = processor.append_token(request, 2)
+    else:
+        assert processor.append_token(request, 2) is None
+        reason = processor.append_token(request, 9)
+    assert reason is FinishReason.STOP
+    final = processor.output(request, reason)
+    assert final.text == "" and request.text == ""
+
+
 def test_a_prompt_the_tokenizer_maps_past_the_vocabulary_is_refused(artifacts):  # noqa: F811
     """A tokenizer with tokens the embeddings never grew for (added tokens, or the wrong tokenizer):
     refused at add_request, where it used to fail the whole step and every request batched with it."""
