@@ -51,6 +51,9 @@ class AdapterCache:
         self.pinned: set[str] = set()            # names pinned in the registry
         self._inflight: dict[str, asyncio.Task] = {}
         self._retired: set[str] = set()          # replaced keys still held: dropped at their last release
+        # name -> how often the registry retired it: a resolve that a retire overtook (the adapter
+        # was deleted or replaced while its bytes were on the way) must not become the name's version.
+        self._retirements: dict[str, int] = {}
 
     def _hit(self, tier: str, hit: bool) -> None:
         if self.metrics:
@@ -69,6 +72,8 @@ class AdapterCache:
 
     async def download(self, ref: str) -> Lease:
         """Put `ref` in the disk tier only (PrefetchAdapter tier=DISK); nothing is held afterwards."""
+        name = parse_reference(ref, "adapter")[0]
+        retirements = self._retirements.get(name, 0)
         name, version, resolved = await self._version(ref)
         if version not in self.disk:
             if not self.disk.enabled:
@@ -80,12 +85,13 @@ class AdapterCache:
             except OSError as e:
                 raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
                                      f"the disk tier could not store {name!r}: {e.strerror}", {"name": name}) from None
-        if resolved:
-            self.versions[name] = version
+        self._record(name, version, resolved, retirements)
         return Lease(name, version, adapter_key(name, version))
 
     async def acquire(self, ref: str) -> Lease:
         """Hold `ref` ("name" or "name@version") in the CPU tier for one request."""
+        name = parse_reference(ref, "adapter")[0]
+        retirements = self._retirements.get(name, 0)
         name, version, resolved = await self._version(ref)
         key = adapter_key(name, version)
         # One lookup per request: a hit if the CPU tier had it, one miss however long the load takes
@@ -100,13 +106,25 @@ class AdapterCache:
             # in flight), and the event loop froze with every stream on it.
             for evicted in self.cpu.put(key, adapter, hold=True):
                 self._evicted("cpu", evicted)
-        if resolved:
-            # Only what the control plane calls current: a name@version ref may name an old version,
-            # which plain-name requests must never be sent to.
-            self.versions[name] = version
-            # Deleted and registered again with the same weights: current again, so it stays cached.
-            self._retired.discard(key)
+        self._record(name, version, resolved, retirements)
         return Lease(name, version, key)
+
+    def _record(self, name: str, version: str, resolved: bool, retirements: int) -> None:
+        """Make `version` what plain `name` means here, if the control plane said so just now.
+
+        Only a resolve: a name@version ref may name an old version, which plain-name requests must
+        never be sent to. And only if no retire came meanwhile: this request still runs on what it
+        resolved, but the next one asks again rather than serve weights the registry dropped.
+        """
+        if not resolved:
+            return
+        if self._retirements.get(name, 0) != retirements:
+            logger.info("adapter %s was retired while %s loaded; the next request resolves it again",
+                        name, adapter_key(name, version))
+            return
+        self.versions[name] = version
+        # Deleted and registered again with the same weights: current again, so it stays cached.
+        self._retired.discard(adapter_key(name, version))
 
     def release(self, lease: Lease) -> None:
         for key in self.cpu.release(lease.key):
@@ -164,6 +182,7 @@ class AdapterCache:
 
     def retire(self, name: str) -> str | None:
         """The registry deleted or replaced `name`: forget its version; returns the retired key."""
+        self._retirements[name] = self._retirements.get(name, 0) + 1
         version = self.versions.pop(name, None)
         if version is None:
             return None
@@ -180,9 +199,6 @@ class AdapterCache:
             return True
         self._retired.add(key)
         return False
-
-    def is_retired(self, key: str) -> bool:
-        return key in self._retired
 
     def cached_keys(self) -> dict[str, str]:
         """key -> name for everything in the CPU tier or known on disk."""

@@ -91,6 +91,38 @@ def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_fa
     assert not cache._retired  # v1 left once its last request ended: nothing is kept about it
 
 
+def test_a_version_retired_while_its_bytes_load_never_becomes_current(cp_factory, dp_factory, adapter_dirs,
+                                                                       monkeypatch):
+    cp = cp_factory()
+    with cp.client() as c:
+        v1 = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
+    dp = dp_factory(cp.address)
+    cache, watcher = dp.plane.cache, dp.plane.watcher
+    check, entered, gate = cache.check, threading.Event(), threading.Event()
+
+    def held_check(adapter):  # the real check (in a worker thread), once the registry has moved on
+        entered.set()
+        gate.wait(30)
+        check(adapter)
+
+    monkeypatch.setattr(cache, "check", held_check)
+    served = {}
+    first = threading.Thread(target=lambda: served.update(first=generate(dp, "x")[-1].adapter_version))
+    first.start()
+    assert entered.wait(30)  # resolved to v1 and fetched; it is being parsed
+    applied = watcher.applied
+    with cp.client() as c:
+        c.delete_adapter("x")
+        assert wait_for(lambda: watcher.applied > applied)  # the DELETED event retired "x" mid-load
+        v2 = c.create_adapter("x", str(adapter_dirs["rank4-other"]), wait=True).version
+    gate.set()
+    first.join(60)
+    assert served == {"first": v1}  # the request runs on what it resolved
+    # Before the fix the finished load made v1 what "x" means here, and it stayed a CPU hit.
+    assert generate(dp, "x")[-1].adapter_version == v2
+    assert cache.versions["x"] == v2
+
+
 def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory, dp_factory, adapter_dirs,
                                                                       tmp_path):
     cp = cp_factory()
