@@ -18,6 +18,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" /
 @dataclass
 class ControlPlaneConfig:
     base_model: str
+    base_model_revision: str | None = None  # Hub branch, tag or commit of base_model (a Hub id)
     listen: str = "127.0.0.1:50051"
     redis_url: str | None = None
     redis_prefix: str = "loraplane"
@@ -46,6 +47,7 @@ class ControlPlaneConfig:
     def __post_init__(self) -> None:
         if not self.base_model:
             raise ValueError("base_model is required (--base-model PATH_OR_ID)")
+        self.base_model_revision = self.base_model_revision or None  # "" is the default branch, as unset
         check_address("listen", self.listen)
         if self.health_listen is not None:
             check_address("health_listen", self.health_listen)
@@ -92,6 +94,9 @@ def redact_url(url: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, help="base model directory or Hub id; adapters are validated against its config.json")
+    p.add_argument("--base-model-revision",
+                   help="Hub branch, tag or commit of --base-model when it is a Hub id: the one the data planes "
+                        "serve (default: the default branch)")
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (default: %(default)s)")
     p.add_argument("--redis-url", default=os.environ.get("LORAPLANE_REDIS_URL"),
                    help="Redis URL (env LORAPLANE_REDIS_URL); default: a private embedded Redis in --data-dir")
@@ -121,7 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> ControlPlaneConfig:
     return ControlPlaneConfig(
-        base_model=args.base_model, listen=args.listen, redis_url=args.redis_url, redis_prefix=args.redis_prefix,
+        base_model=args.base_model, base_model_revision=args.base_model_revision, listen=args.listen,
+        redis_url=args.redis_url, redis_prefix=args.redis_prefix,
         data_dir=args.data_dir, artifact_dir=args.artifact_dir,
         admin_token=load_token(args.admin_token, "LORAPLANE_ADMIN_TOKEN", args.admin_token_file),
         distribution_token=load_token(args.distribution_token, "LORAPLANE_DISTRIBUTION_TOKEN",

@@ -59,7 +59,8 @@ class ControlPlane:
 
     async def start(self) -> ControlPlane:
         c = self.config
-        spec = await asyncio.to_thread(ModelSpec.from_pretrained, c.base_model)
+        spec = await asyncio.to_thread(ModelSpec.from_pretrained, c.base_model, c.base_model_revision,
+                                       endpoint=c.hf_endpoint, token=c.hf_token)
         c.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.admin_token:
             self.admin_token = self._generated_admin_token()

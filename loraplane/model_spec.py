@@ -80,10 +80,14 @@ class ModelSpec:
             raise ValueError(f"config.json lacks {e.args[0]!r}") from None
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str) -> ModelSpec:
-        """From a local model directory, or a Hub id via huggingface_hub (config.json only).
+    def from_pretrained(cls, path_or_id: str, revision: str | None = None, *, endpoint: str | None = None,
+                        token: str | None = None) -> ModelSpec:
+        """From a local model directory, or a Hub id via huggingface_hub (config.json only), at
+        `revision` (branch, tag or commit; the default branch when None) from `endpoint` (a mirror).
         ValueError, saying which, when neither gives a config.json."""
         path = Path(path_or_id).expanduser()
+        if revision and (path.is_dir() or path.is_absolute() or path_or_id.startswith((".", "~"))):
+            raise ValueError(f"a revision ({revision}) applies to Hub ids, not to the directory {path_or_id}")
         if path.is_dir():
             config_path = path / "config.json"
             if not config_path.is_file():
@@ -96,7 +100,8 @@ class ModelSpec:
             from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
             try:
-                config_path = Path(hf_hub_download(path_or_id, "config.json"))
+                config_path = Path(hf_hub_download(path_or_id, "config.json", revision=revision,
+                                                   endpoint=endpoint, token=token))
             except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
                 raise ValueError(f"cannot get config.json of {path_or_id!r} from the Hugging Face Hub "
                                  f"(is it a local directory, or is the Hub unreachable?): {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from control_plane.sources import (
 )
 from loraplane.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from loraplane.errors import LoraplaneError
+from loraplane.model_spec import ModelSpec
 from loraplane.v1 import errors_pb2 as R
 from tests import hub_fixture, s3_fixture
 from tests.factories import make_peft_adapter, make_tiny_model
@@ -424,3 +426,30 @@ def test_s3_refusals(s3, adapter_dir, tmp_path, dest, monkeypatch):
     raises(R.ERROR_REASON_SOURCE_UNREACHABLE, fetch_source, parse_source(f"s3://{s3.bucket}/a1"), dead, dest)
     assert not any(dest.iterdir())
     assert os.environ["AWS_EC2_METADATA_DISABLED"] == "true"
+
+
+def test_the_base_model_spec_comes_at_its_revision_from_the_configured_hub(hub, tmp_path):
+    """The control plane validates against the config.json the data planes serve: the Helm chart's
+    model.revision (--base-model-revision), from --hf-endpoint (a mirror) with --hf-token."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "vocab_size": 256}
+    hub.add_files("org/base", {"config.json": json.dumps(config).encode()})
+    wider = {**config, "intermediate_size": 256}
+    v2 = hub.add_files("org/base", {"config.json": json.dumps(wider).encode()}, revision="v2")
+    hub.add_files("org/base", {"config.json": json.dumps(config).encode()})  # main moves on
+    assert ModelSpec.from_pretrained("org/base").intermediate_size == 128
+    assert ModelSpec.from_pretrained("org/base", "v2").intermediate_size == 256
+    assert ModelSpec.from_pretrained("org/base", v2).intermediate_size == 256
+    with pytest.raises(ValueError, match="cannot get config.json of 'org/base'"):
+        ModelSpec.from_pretrained("org/base", "no-such-branch")
+    with pytest.raises(ValueError, match="applies to Hub ids"):
+        ModelSpec.from_pretrained(str(tmp_path), "v2")
+    with HubFixture() as mirror:  # only the mirror has it, and only with its token
+        mirror.add_files("org/private", {"config.json": json.dumps(wider).encode()}, token="hf_mirror")
+        with pytest.raises(ValueError, match="cannot get config.json"):
+            ModelSpec.from_pretrained("org/private")
+        with pytest.raises(ValueError, match="cannot get config.json"):
+            ModelSpec.from_pretrained("org/private", endpoint=mirror.url)
+        spec = ModelSpec.from_pretrained("org/private", endpoint=mirror.url, token="hf_mirror")
+        assert spec.intermediate_size == 256

@@ -638,6 +638,17 @@ def test_model_volume_sources(rendered):
     assert env(init)["HF_TOKEN"] == {"secretKeyRef": {"name": "lp-loraplane-hf", "key": "token"}}
     # The main container only reads what the init container wrote.
     assert next(m for m in container(dl, "data-plane")["volumeMounts"] if m["name"] == "model")["readOnly"]
+    # The control plane validates adapters against the config.json of the revision the data planes serve.
+    cp = flags(container(one(rendered["hub-download-and-secrets"], "Deployment", "control-plane"), "control-plane"))
+    assert (cp["--base-model"], cp["--base-model-revision"]) == (["Qwen/Qwen2.5-7B-Instruct"], ["v1.0"])
+    assert "--base-model-revision" not in flags(container(one(rendered["default"], "Deployment", "control-plane"),
+                                                          "control-plane"))
+
+
+def test_a_local_base_model_gets_no_hub_revision(chart):
+    docs = render(chart, {"model": {"revision": "v1.0"}, "controlPlane": {"baseModel": "/weights/qwen"}})
+    cp = flags(container(one(docs, "Deployment", "control-plane"), "control-plane"))
+    assert cp["--base-model"] == ["/weights/qwen"] and "--base-model-revision" not in cp
 
 
 def test_disk_cache_volume_has_headroom(rendered):
