@@ -14,6 +14,7 @@ import torch
 from bench.artifacts import AdapterStore, merge_into
 from bench.harness import Record, Tiers, percentile, run, summarize
 from bench.peers import HfPeftPeer, merged_matches
+from bench.profiles import PROFILES
 from bench.run_all import build_profile, parse_args
 from bench.sweeps import formula_bytes, slot_bytes
 from bench.targets import EngineSetup, InProcessTarget, tiers_from_metrics
@@ -247,8 +248,11 @@ def test_gpu_profile_is_selectable():
         parse_args(["--sections", "peers,nope"])
 
 
-def test_suite_sections_on_a_tiny_profile(tmp_path):
-    """Every section and its plot, end to end, at toy sizes (the figures mean nothing)."""
+@pytest.mark.parametrize("gpu_knobs", [False, True], ids=["cpu-profile", "gpu-profile-knobs"])
+def test_suite_sections_on_a_tiny_profile(tmp_path, gpu_knobs):
+    """Every section and its plot, end to end, at toy sizes (the figures mean nothing). With the --gpu
+    profile's switches too (bf16, adapters generated on fetch, each target built per run), on CPU: a
+    GPU session's few minutes must not be the first to run those paths."""
     from bench import plots
     from bench.peers import peers_section
     from bench.profiles import CPU
@@ -258,6 +262,9 @@ def test_suite_sections_on_a_tiny_profile(tmp_path):
                      peer_adapters=2, peer_var_requests=4, peer_var_prompt="2-6", peer_var_output="1-4",
                      peer_repeats=1, sweep_requests=6, many_requests=6, distinct=(1, 2), totals=(2, 12),
                      skews=(0.0, 1.0), skew_adapters=12, many_max_loras=2, many_max_cpu_loras=4, repeats=1)
+    if gpu_knobs:
+        gpu = PROFILES["gpu"]
+        prof = prof.with_(dtype=gpu.dtype, resident=gpu.resident, lazy_store=gpu.lazy_store)
     bench = Bench(prof, tmp_path, 60_000, 60_000)
     for fn in (memory_section, peers_section, distinct_sweep, totals_sweep, skew_sweep):
         sec, data = timed(fn, bench)
