@@ -60,12 +60,17 @@ class HfPeftPeer:
         """Static batches of `concurrency` requests in arrival order, as HF generate serves them.
 
         A batch's prompts are left-padded to its longest, and it decodes until its longest output
-        is done; only the tokens each request asked for count as output. Its TTFT is the batch's
-        prefill (a 1-token generate), and its tokens are spread evenly over the rest of the batch's
-        generate, as if streamed.
+        is done; only the tokens each request asked for count as output. Its first token comes
+        after the batch's prefill (timed by a 1-token generate, whose time is then left out), and
+        its tokens are spread evenly over the rest of the batch's generate, as if streamed. So a
+        request is done at its own last token, and the closed loop sends the next request then:
+        request j of the next batch arrives at the j-th earliest finish of this one, and its TTFT
+        counts the wait for the batch it is in to start.
         """
+        if workload.arrival != "closed":
+            raise ValueError("the HF + PEFT peer models a closed loop only")
         requests = workload.requests()
-        records = []
+        timings = []
         prefill_s = prefill_cpu = 0.0
         start, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(requests), workload.concurrency):
@@ -88,24 +93,35 @@ class HfPeftPeer:
             if out.shape[1] != width + new:
                 raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, asked for {new}")
             ttft = first - sent
+            # In the timeline without the 1-token generates, as `wall` below.
+            timings.append((batch, sent - prefill_s, ttft, (done - first - ttft) / max(1, new - 1)))
             prefill_s += ttft
-            step = (done - first - ttft) / max(1, new - 1)
-            records += [_static_record(r.adapter, sent, ttft, step, r.max_tokens) for r in batch]
         # The 1-token generates only time the prefill: their time is not part of serving the batch.
         wall = time.perf_counter() - start - prefill_s
-        summary = summarize(records, wall, sum(len(r.prompt) for r in requests), Tiers())
+        summary = summarize(static_batch_records(timings), wall, sum(len(r.prompt) for r in requests), Tiers())
         summary.cpu_s = time.process_time() - cpu - prefill_cpu
         release_openmp_pools()  # as InProcessTarget.detach: leave no pool to slow the next run's thread
         return summary
 
 
-def _static_record(adapter, sent: float, ttft: float, step: float, tokens: int):
+def static_batch_records(batches: list[tuple[list, float, float, float]]) -> list:
+    """Records of a closed loop served by static batches, from each batch's (requests, start, TTFT,
+    seconds per later token): a request's tokens stream from start + TTFT, one per step, and the
+    first batch's requests arrive at its start, the next batch's at this one's finishes, earliest first."""
     from bench.harness import Record
 
-    rec = Record(adapter, sent)
-    for k in range(tokens):
-        rec.delta(sent + ttft + k * step, 1)
-    return rec
+    records, arrivals = [], []
+    for batch, begin, ttft, step in batches:
+        arrivals = arrivals or [begin] * len(batch)
+        done = []
+        for request, arrival in zip(batch, arrivals, strict=False):
+            rec = Record(request.adapter, arrival)
+            for k in range(request.max_tokens):
+                rec.delta(begin + ttft + k * step, 1)
+            done.append(rec)
+        records += done
+        arrivals = sorted(rec.last for rec in done)
+    return records
 
 
 def _key_of(target, name: str) -> str:
