@@ -8,6 +8,9 @@ percentiles, SLO attainment and cache hit rates per tier.
 
     python -m bench.harness --target grpc --address 127.0.0.1:50052 --metrics-url http://127.0.0.1:9400/metrics \
         --adapters 64 --popularity zipf --skew 1.0 --arrival poisson --rate 4 --requests 200
+
+Over gRPC the adapters are the ones registered as a0..a{N-1}, at whatever ranks they were
+registered with (the suite's in-process sweeps build their own, fixed or mixed rank).
 """
 
 from __future__ import annotations
@@ -221,7 +224,6 @@ def workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="Poisson: requests per second")
     ap.add_argument("--prompt-len", default="64", help="N, LO-HI (uniform) or exp:MEAN")
     ap.add_argument("--output-len", default="32", help="N, LO-HI (uniform) or exp:MEAN")
-    ap.add_argument("--ranks", default="16", help="adapter rank, or 'mixed' (8, 16, 32, 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for the attainment figure")
     ap.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for the attainment figure")
@@ -231,7 +233,7 @@ def workload_from(args, vocab_size: int) -> Workload:
     return Workload(num_requests=args.requests, num_adapters=args.adapters, popularity=args.popularity,
                     skew=args.skew, arrival=args.arrival, concurrency=args.concurrency, rate=args.rate,
                     prompt_len=LengthDist.parse(args.prompt_len), output_len=LengthDist.parse(args.output_len),
-                    ranks=args.ranks, vocab_size=vocab_size, seed=args.seed)
+                    vocab_size=vocab_size, seed=args.seed)
 
 
 def slo_seconds(args) -> tuple[float | None, float | None]:

@@ -65,8 +65,8 @@ def loads(x: float) -> str:
 
 TIER_NOTE = ("Tier columns: slot loads per req = promotions into a LoRA slot per adapter request (0 when every "
              "adapter stays resident; above 1 means slots thrash); cpu hit = adapter requests that found their "
-             "adapter in the CPU tier; disk hit = CPU-tier misses served from the local disk tier rather than the "
-             "origin (the control plane).")
+             "adapter in the CPU tier; disk hit = loads into the CPU tier served from the local disk tier rather than "
+             "the origin (the control plane); concurrent misses on one adapter share one load.")
 
 HEADER = ("| {label} | tok/s (best) | all runs tok/s | tok/CPU-s (best) | req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | "
           "ITL p50/p90/p99 ms | SLO TTFT / TPOT / both | slot loads per req / cpu hit / disk hit |{extra_h}\n"

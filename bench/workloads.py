@@ -98,7 +98,7 @@ class Workload:
     rate: float = 4.0
     prompt_len: LengthDist = field(default_factory=lambda: LengthDist("fixed", 64))
     output_len: LengthDist = field(default_factory=lambda: LengthDist("fixed", 32))
-    ranks: str = "16"              # fixed rank, or "mixed" (8..64)
+    ranks: str = "16"              # fixed rank, or "mixed" (8..64): what the target's adapters are, for describe()
     vocab_size: int = 32000
     seed: int = 0
 
@@ -118,10 +118,6 @@ class Workload:
     @property
     def max_model_len(self) -> int:
         return self.prompt_len.max + self.output_len.max
-
-    @property
-    def adapter_rank_list(self) -> list[int]:
-        return adapter_ranks(self.num_adapters, self.ranks, self.seed)
 
     def adapter_choices(self, rng: np.random.Generator) -> list[str | None]:
         n = self.num_adapters

@@ -19,6 +19,7 @@ from bench.run_all import build_profile, parse_args
 from bench.sweeps import formula_bytes, slot_bytes
 from bench.targets import EngineSetup, InProcessTarget, tiers_from_metrics
 from bench.workloads import LengthDist, Workload, adapter_ranks, popularity
+from loraplane.adapter_format import digest
 from loraplane.model_spec import ModelSpec
 from tests.factories import TINY, make_tiny_model
 
@@ -157,6 +158,31 @@ def test_tier_rates_and_prometheus_parsing():
 
 # ---- memory formula -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lazy_store_serves_distinct_valid_adapters_without_generating_each(tiny, tmp_path, dtype):
+    root, model, _ = tiny
+    spec = ModelSpec.from_pretrained(str(model))
+    eager, lazy = (AdapterStore(tmp_path / kind, spec, dtype, lazy=kind == "lazy") for kind in ("eager", "lazy"))
+    for store in (eager, lazy):
+        store.ensure([8] * 40)
+    assert lazy.read("a0") == eager.read("a0")  # the template is a0 as the eager store makes it
+    versions = {lazy.version(f"a{i}") for i in range(40)}
+    assert len(versions) == 40 and lazy.version("a7") == digest(lazy.read("a7"))
+    a0, a7 = lazy.load("a0"), lazy.load("a7")
+    assert a7.rank == 8 and a7.tensors.keys() == a0.tensors.keys()
+    flat0 = torch.cat([t.flatten() for t in a0.tensors.values()])
+    flat7 = torch.cat([t.flatten() for t in a7.tensors.values()])
+    # The same values, moved: seven elements along in the file's data section.
+    assert torch.equal(flat7.sort().values, flat0.sort().values) and not torch.equal(flat7, flat0)
+    assert lazy._templates.keys() == {8}  # generated once, not per adapter
+    peft = lazy.peft_dir("a7", tmp_path / "peft")  # the PEFT form holds the same weights as the artifact
+    from safetensors.torch import load_file
+
+    saved = load_file(peft / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"],
+                       a7.tensors["layers.1.q_proj.lora_A"])
+
+
 def test_slot_memory_matches_formula_and_real_allocation(tiny):
     _, model, _ = tiny
     spec = ModelSpec.from_pretrained(str(model))
@@ -218,6 +244,20 @@ def test_a_run_leaves_no_openmp_pool_in_the_engine_thread(tiny):
         assert pool
         run(target, wl)
         assert not pool & _threads()
+
+def test_static_batches_charge_the_closed_loop_wait_for_the_next_batch():
+    from types import SimpleNamespace as R
+
+    from bench.peers import static_batch_records
+
+    first, second = [R(adapter="a0", max_tokens=2), R(adapter="a1", max_tokens=5)], \
+        [R(adapter="a0", max_tokens=3), R(adapter="a1", max_tokens=1)]
+    # Batch 1 starts at 0 (first tokens at 1.0, then one per 0.1 s) and ends at 1.4; batch 2 starts then.
+    recs = static_batch_records([(first, 0.0, 1.0, 0.1), (second, 1.4, 1.0, 0.1)])
+    assert [r.arrival for r in recs] == [0.0, 0.0, pytest.approx(1.1), pytest.approx(1.4)]
+    assert [r.ttft for r in recs] == [1.0, 1.0, pytest.approx(1.3), pytest.approx(1.0)]  # waited for batch 2
+    assert [r.tokens for r in recs] == [2, 5, 3, 1] and recs[1].tpot == pytest.approx(0.1)
+
 
 def test_tiny_peers_hf_and_merged(tiny):
     root, model, store = tiny
@@ -283,9 +323,8 @@ def test_harness_cli_flags_build_the_workload():
     ap = argparse.ArgumentParser()
     workload_args(ap)
     args = ap.parse_args(["--adapters", "1000", "--popularity", "zipf", "--skew", "1.2", "--arrival", "poisson",
-                          "--rate", "3", "--prompt-len", "16-64", "--output-len", "exp:32", "--ranks", "mixed",
-                          "--slo-ttft-ms", "500"])
+                          "--rate", "3", "--prompt-len", "16-64", "--output-len", "exp:32", "--slo-ttft-ms", "500"])
     wl = workload_from(args, 32000)
     assert (wl.num_adapters, wl.popularity, wl.skew, wl.arrival, wl.rate) == (1000, "zipf", 1.2, "poisson", 3.0)
-    assert str(wl.prompt_len) == "16-64" and wl.output_len.kind == "exp" and wl.ranks == "mixed"
+    assert str(wl.prompt_len) == "16-64" and wl.output_len.kind == "exp"
     assert slo_seconds(args) == (0.5, None)
