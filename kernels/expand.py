@@ -23,6 +23,7 @@ import triton.language as tl
 from kernels.reference import expand_ref  # noqa: F401 - the reference, re-exported next to its kernel
 from kernels.triton_utils import (
     block_m_for,
+    check_devices,
     check_stacks,
     dot_in_fp32,
     dot_precision,
@@ -39,7 +40,8 @@ def _expand_kernel(
     stride_yt, stride_yn,
     stride_vi, stride_vt, stride_vr,
     stride_bs, stride_bn, stride_br,
-    NUM_SLICES: tl.constexpr, ALIGNED: tl.constexpr, B_VEC: tl.constexpr, HAS_SCALE: tl.constexpr,
+    NUM_SLICES: tl.constexpr, TABLE_STRIDES: tl.constexpr,
+    ALIGNED: tl.constexpr, B_VEC: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -59,12 +61,18 @@ def _expand_kernel(
         col0 = 0
         stride_slot = stride_bs
     else:
-        # Table row: (address, width, first column in y, slot stride) of this slice's B stack.
-        row = b_table_ptr + pid_slice * 4
+        # Table row: (address, width, first column in y, slot, column and rank strides) of this
+        # slice's B stack.
+        row = b_table_ptr + pid_slice * 6
         b_base = tl.load(row).to(tl.pointer_type(b_ptr.dtype.element_ty))
         width = tl.load(row + 1)
         col0 = tl.load(row + 2)
         stride_slot = tl.load(row + 3)
+        if TABLE_STRIDES:
+            # Slices laid out [S, R, out] (the CPU layout) have a rank stride of their own width.
+            # Only then: strides passed as arguments let the compiler see a unit stride.
+            stride_bn = tl.load(row + 4)
+            stride_br = tl.load(row + 5)
         if ALIGNED:  # values read from memory have no known alignment: without this, 2-byte accesses
             b_base = tl.multiple_of(b_base, 16)
             width = tl.multiple_of(width, 8)
@@ -99,7 +107,7 @@ def _expand_kernel(
         bt = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_br,
                      mask=n_mask[None, :] & (offs_k < b_rank)[:, None], other=0.0)
         if DOT_F32:
-            acc += tl.dot(vt, bt.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(vt, bt.to(tl.float32), input_precision=PRECISION)
         else:
             # v is fp32; rounding it to B's dtype puts the dot on tensor cores, and y is stored
             # at that precision or lower anyway.
@@ -116,7 +124,7 @@ def _expand_kernel(
 def expand(
     y: torch.Tensor,                     # [T, sum(out_i)] base layer output, updated in place
     v: torch.Tensor,                     # [n_slices, T, R] fp32, from shrink
-    b_stacks: Sequence[torch.Tensor],    # per slice: [S, out_i, R], one dtype and inner strides;
+    b_stacks: Sequence[torch.Tensor],    # per slice: [S, out_i, R], one dtype, any strides;
                                          # finite past each slot's rank (see B_VEC in the kernel)
     token_ids: torch.Tensor,             # [T_lora] int64, LoRA tokens grouped by slot
     slots: torch.Tensor,                 # [A] int32, active slot ids
@@ -133,9 +141,16 @@ def expand(
     check_stacks(b_stacks, "expand", same_shape=False)
     n_slices, R = len(b_stacks), b_stacks[0].shape[2]
     widths = [b.shape[1] for b in b_stacks]
-    if v.shape[0] != n_slices or v.shape[2] != R or y.shape[1] != sum(widths):
+    if v.shape[0] != n_slices or v.shape[1] != y.shape[0] or v.shape[2] != R or y.shape[1] != sum(widths):
         raise ValueError(f"expand: y {tuple(y.shape)}, v {tuple(v.shape)} and B widths {widths} "
                          f"with rank {R} do not fit together")
+    if v.dtype != torch.float32:
+        raise ValueError(f"expand: v must be float32 (shrink's output), got {v.dtype}")
+    check_devices("expand", y, v, *b_stacks, token_ids, slots, starts, counts, ranks,
+                  *(() if scale is None else (scale,)))
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (b_stacks[0].shape[0],)):
+        raise ValueError(f"expand: scale must be float32 [{b_stacks[0].shape[0]}] (one per slot), "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
     n_active = slots.shape[0]
     if n_active == 0 or max_count == 0 or y.shape[0] == 0:
         return
@@ -150,10 +165,17 @@ def expand(
     aligned = (all(b.data_ptr() % 16 == 0 and b.stride(0) % 8 == 0 for b in b_stacks)
                and all(n % 8 == 0 for n in widths + cols))
     if n_slices > 1:
-        b_table = int64_table([(b.data_ptr(), w, c, b.stride(0))
+        b_table = int64_table([(b.data_ptr(), w, c, b.stride(0), b.stride(1), b.stride(2))
                                for b, w, c in zip(b_stacks, widths, cols, strict=True)], y.device)
     else:
         b_table = b0
+    # fp16 B: v rounded to fp16 overflows past 65504 where the fp32 result is finite (the scale
+    # folded into B shrinks it), so the dot takes fp32 operands, on tf32 tensor cores on CUDA.
+    dot_f32 = dot_in_fp32(y.device, b0.dtype) or b0.dtype == torch.float16
+    precision = "ieee" if b0.dtype == torch.float32 or y.device.type == "cpu" else (
+        "tf32" if dot_f32 else dot_precision(b0.dtype))
+    table_strides = any(b.stride()[1:] != b0.stride()[1:] for b in b_stacks)
+    b_vec = R % 8 == 0 and all(b.stride(2) == 1 and b.stride(1) % 8 == 0 for b in b_stacks)
     kernel = for_device(_expand_kernel, y.device)
     kernel[(m_tiles * n_tiles, n_slices, n_active)](
         y, v, b0, b_table, scale if scale is not None else b0,
@@ -162,9 +184,9 @@ def expand(
         y.stride(0), y.stride(1),
         v.stride(0), v.stride(1), v.stride(2),
         b0.stride(0), b0.stride(1), b0.stride(2),
-        NUM_SLICES=n_slices, ALIGNED=aligned, HAS_SCALE=scale is not None,
-        B_VEC=R % 8 == 0 and b0.stride(2) == 1 and b0.stride(1) % 8 == 0,
-        PRECISION=dot_precision(b0.dtype), DOT_F32=dot_in_fp32(y.device, b0.dtype),
+        NUM_SLICES=n_slices, TABLE_STRIDES=table_strides, ALIGNED=aligned, HAS_SCALE=scale is not None,
+        B_VEC=b_vec,
+        PRECISION=precision, DOT_F32=dot_f32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4,
     )

@@ -23,6 +23,7 @@ import triton.language as tl
 from kernels.reference import shrink_ref  # noqa: F401 - the reference, re-exported next to its kernel
 from kernels.triton_utils import (
     block_m_for,
+    check_devices,
     check_stacks,
     dot_in_fp32,
     dot_precision,
@@ -120,6 +121,7 @@ def shrink(
     n_slices, (T, K), R = len(a_stacks), x.shape, a_stacks[0].shape[1]
     if a_stacks[0].shape[2] != K:
         raise ValueError(f"shrink: x has hidden size {K}, A stacks {a_stacks[0].shape[2]}")
+    check_devices("shrink", x, *a_stacks, token_ids, slots, starts, counts, ranks)
     # Zeroed because split-K accumulates into it, and the contract gives 0 outside LoRA rows.
     v = torch.zeros(n_slices, T, R, dtype=torch.float32, device=x.device)
     n_active = slots.shape[0]

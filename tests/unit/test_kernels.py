@@ -291,3 +291,60 @@ def test_rejects_mismatched_stacks():
     with pytest.raises(ValueError, match="do not fit"):
         expand(batch.y[:, :40], shrink_ref(batch.x, batch.a, batch.meta), batch.b,
                *batch.meta.kernel_args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expand_takes_slices_with_strides_of_their_own(dtype):
+    """B stacks laid out [S, R, out] and viewed as [S, out, R] (LoraLinear's CPU layout, what
+    LORAPLANE_LORA_BACKEND=triton hands the interpreter): under GQA each slice's rank stride is its
+    own width, which the expand once refused ("slices need the same inner strides")."""
+    case = CASES[1]  # widths (48, 16, 16), mixed ranks, unsorted
+    batch = make_batch(case, dtype, "cpu")
+    b = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in batch.b]
+    assert len({t.stride()[1:] for t in b}) == 2  # q's inner strides differ from k's and v's
+    v = shrink_ref(batch.x, batch.a, batch.meta)
+    ref = batch.y.clone()
+    expand_ref(ref, v, b, batch.meta)
+    expand(batch.y, v, b, *batch.meta.kernel_args)
+    _close(batch.y, ref, dtype)
+
+
+def test_fp16_expand_keeps_the_fp32_range_of_v():
+    # v past fp16's 65504, B small enough that the delta is finite: the reference's answer.
+    meta = LoraBatchMeta.build(torch.tensor([0, 0]), [16])
+    v = torch.full((1, 2, 16), 76800.0)
+    b = [torch.full((1, 32, 16), 1e-3, dtype=torch.float16)]
+    y, ref = (torch.zeros(2, 32, dtype=torch.float16) for _ in range(2))
+    expand_ref(ref, v, b, meta)
+    expand(y, v, b, *meta.kernel_args)
+    assert torch.isfinite(ref).all() and torch.isfinite(y).all()
+    _close(y, ref, torch.float16)
+
+
+def test_expand_refuses_operands_that_do_not_fit():
+    batch = make_batch(CASES[1], torch.float32, "cpu")
+    v = shrink_ref(batch.x, batch.a, batch.meta)
+    args = batch.meta.kernel_args
+    with pytest.raises(ValueError, match="do not fit together"):
+        expand(batch.y, v[:, :1], batch.b, *args)  # v for one token, y for twelve: read past v's end
+    with pytest.raises(ValueError, match="float32"):
+        expand(batch.y, v.half(), batch.b, *args)
+    with pytest.raises(ValueError, match="one per slot"):
+        expand(batch.y, v, batch.b, *args, torch.ones(1))  # 5 slots
+    with pytest.raises(ValueError, match="one per slot"):
+        expand(batch.y, v, batch.b, *args, torch.ones(5, dtype=torch.float64))
+
+
+def test_slice_tables_of_a_deep_model_stay_cached():
+    """Four tables per layer, looked up in the same order every step: an 80-layer model's 320 must
+    all stay cached, or every step rebuilds each one (a host-to-device copy, and an error under
+    CUDA graph capture)."""
+    from kernels.triton_utils import int64_table
+
+    def table(j):  # the j-th projection's two slices: distinct addresses
+        return int64_table([[(1 << 40) + 1024 * j + 64 * i, 16, 0, 256, 1, 16] for i in range(2)],
+                           torch.device("cpu"))
+
+    first = [table(j) for j in range(320)]
+    again = [table(j) for j in range(320)]
+    assert all(a is b for a, b in zip(first, again, strict=True))
