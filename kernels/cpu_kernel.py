@@ -83,8 +83,11 @@ class _Build:
                 # or installation the source came from, so they share it instead of rebuilding in turn.
                 sources = [build_dir / src.name for src in SOURCES]
                 for src, copy in zip(SOURCES, sources, strict=True):
-                    if not copy.exists():
-                        shutil.copyfile(src, copy)
+                    # By content, not existence: a copy cut short (killed, disk full) would be reused
+                    # by every later build. Renamed into place, so no reader sees half a file.
+                    if not copy.is_file() or copy.read_bytes() != src.read_bytes():
+                        shutil.copyfile(src, copy.with_suffix(".part"))
+                        copy.with_suffix(".part").replace(copy)
                 self.module = load(name, [str(c) for c in sources], build_directory=str(build_dir),
                                    extra_cflags=flags)
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:

@@ -323,3 +323,14 @@ def test_builds_take_turns(monkeypatch, unbuildable):
     held.close()
     assert done.wait(30)
     worker.join()
+
+
+def test_a_source_copy_cut_short_is_replaced(monkeypatch, unbuildable):
+    """A build killed while copying its sources left a truncated copy, which every later build reused."""
+    monkeypatch.setenv(cpu_kernel.ENV, "auto")
+    unbuildable.mkdir()
+    src = cpu_kernel.SOURCES[0]
+    (unbuildable / src.name).write_bytes(src.read_bytes()[:100])
+    assert cpu_kernel.extension() is None  # the compiler is missing; the copy is made all the same
+    assert all((unbuildable / s.name).read_bytes() == s.read_bytes() for s in cpu_kernel.SOURCES)
+    assert not list(unbuildable.glob("*.part"))
