@@ -184,7 +184,8 @@ def totals_sweep(bench: Bench) -> tuple[Section, dict]:
     sec.lines = [
         f"Workload: {wl.with_(num_adapters=most).describe()}, with the adapter count per row. Engine "
         f"max_loras={p.many_max_loras}, CPU tier max_cpu_loras={p.many_max_cpu_loras}, disk tier on a local "
-        f"directory ({p.disk_tier_bytes / 2**30:.0f} GiB budget), origin = artifacts on local disk standing in "
+        f"directory ({p.disk_tier_bytes / 2**30:.0f} GiB budget), origin = artifacts "
+        f"{'made in memory (rotations of one generated adapter)' if p.lazy_store else 'on local disk'} standing in "
         "for the control plane. Each run gets a fresh engine whose tiers are warmed by a 2-token pass of the same workload under seed + 1; "
         "tier counts and timings are of the timed pass only.",
         f"The row with max_loras {wide} shows what is left of the cost when every request in flight can "
