@@ -144,7 +144,7 @@ def peers_section(bench):
     """LoRA engine vs HF + PEFT, vs itself without LoRA, vs a merged model, on the same requests."""
     from bench.artifacts import merge_into
     from bench.report import Check, Section, best, table
-    from bench.sweeps import Held, interleave, warm
+    from bench.sweeps import Held, interleave, warmed
     from bench.workloads import LengthDist
 
     p = bench.profile
@@ -161,14 +161,10 @@ def peers_section(bench):
         peer.run(fixed_2)  # first-call costs (the first mixed-adapter generate is several times slower)
         return peer
 
-    def make_lora():
-        target = bench.target(max_loras=n)
-        warm(bench, target, n)
-        return target
-
-    lora, base, hf = Held(make_lora, p.resident), Held(lambda: bench.target(max_loras=0), p.resident), \
+    make_lora = warmed(bench, n, max_loras=n)
+    lora, base, hf = Held(make_lora, p.resident), Held(warmed(bench, 0, max_loras=0), p.resident), \
         Held(make_hf, p.resident)
-    merged = Held(lambda: bench.target(model=merged_dir, max_loras=0), p.resident)
+    merged = Held(warmed(bench, 0, model=merged_dir, max_loras=0), p.resident)
     with make_lora() as check_lora, bench.target(model=merged_dir, max_loras=0) as check_merged:
         same = merged_matches(check_lora, check_merged, [r.prompt for r in fixed.requests()[:8]], 16)
     try:

@@ -57,10 +57,21 @@ class Bench:
 
 
 def warm(bench: Bench, target: InProcessTarget, num_adapters: int) -> None:
-    """Touch every adapter once (2 tokens each) so timed runs see them resident, as in steady state."""
-    if num_adapters:
-        bench.run(target, bench.workload(num_requests=num_adapters, num_adapters=num_adapters,
-                                         output_len=LengthDist.parse("2")))
+    """Touch every adapter once (2 tokens each) so timed runs see them resident, as in steady state;
+    with none, one batch of base-model requests. Every target starts its first timed run warm, so a
+    target built per run (--gpu) is not the only one to pay first-call costs in it."""
+    bench.run(target, bench.workload(num_requests=num_adapters or bench.profile.concurrency,
+                                     num_adapters=num_adapters, output_len=LengthDist.parse("2")))
+
+
+def warmed(bench: Bench, num_adapters: int, store: AdapterStore | None = None, **setup) -> Callable:
+    """A maker of warm targets, for Held."""
+    def make() -> InProcessTarget:
+        target = bench.target(store, **setup)
+        warm(bench, target, num_adapters)
+        return target
+
+    return make
 
 
 class Held:
@@ -122,16 +133,10 @@ def distinct_sweep(bench: Bench) -> tuple[Section, dict]:
     bench.store.ensure([p.rank] * max(most, p.peer_adapters))
     mixed_store = AdapterStore(bench.workdir / "store-mixed", bench.spec, p.dtype, lazy=p.lazy_store)
     mixed_store.ensure(adapter_ranks(8, "mixed", seed=0))
-    def warmed(store, n_adapters, **setup):
-        def make():
-            target = bench.target(store, **setup)
-            warm(bench, target, n_adapters)
-            return target
-        return make
-
-    lora = Held(warmed(None, most, max_loras=most), p.resident)
-    base = Held(lambda: bench.target(max_loras=0), p.resident)
-    mixed = Held(warmed(mixed_store, 8, max_loras=8, max_lora_rank=max(mixed_store.ranks.values())), p.resident)
+    lora = Held(warmed(bench, most, max_loras=most), p.resident)
+    base = Held(warmed(bench, 0, max_loras=0), p.resident)
+    mixed = Held(warmed(bench, 8, mixed_store, max_loras=8, max_lora_rank=max(mixed_store.ranks.values())),
+                 p.resident)
     try:
         runners = {"base": lambda: base.run(lambda t: bench.run(t, wl.with_(num_adapters=0)))}
         for k in p.distinct:
