@@ -201,7 +201,8 @@ def main() -> None:
         f"| engine in-process (`Engine.generate`) | {engine_tps:.1f} (runs: {', '.join(f'{r:.1f}' for r in engine_runs)}) |",
         f"| data plane over gRPC, {args.streams} concurrent streams (own process) | {grpc_tps:.1f} "
         f"(runs: {', '.join(f'{r:.1f}' for r in grpc_runs)}) |", "",
-        f"Ratio {ratio:.3f}: gRPC streaming costs {max(0.0, 1 - ratio) * 100:.1f}% of in-process throughput "
+        f"Ratio {ratio:.3f}: serving through the data plane (gRPC streams, the engine loop's thread and "
+        f"adapter leases) costs {max(0.0, 1 - ratio) * 100:.1f}% of in-process throughput "
         f"(target <= 10%: {'met' if ratio >= 0.9 else 'NOT met'}).", "",
         f"## Adapter latency (rank {RANK}, {args.reps} samples each)", "",
         "| path | p50 ms | p99 ms |", "|---|---|---|",
