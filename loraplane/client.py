@@ -78,9 +78,16 @@ def _raising(fn):
 
 def generate_request(prompt: str | list[int], adapter: str = "", *, request_id: str = "",
                      max_tokens: int | None = None, temperature: float = 0.0, top_p: float | None = None,
-                     top_k: int = 0, seed: int | None = None, stop: list[str] | tuple = (),
+                     top_k: int = 0, seed: int | None = None, stop: str | list[str] | tuple = (),
                      stop_token_ids: list[int] | tuple = (), ignore_eos: bool = False) -> gen_pb2.GenerateRequest:
-    sampling = gen_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=list(stop),
+    """The GenerateRequest for a text prompt (str) or token ids (a list of ints). `stop` is one stop
+    string or a list of them, as in vLLM's SamplingParams."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        # Iterating bytes yields ints, which would go out as token ids without a word.
+        raise TypeError(f"prompt must be a str (text) or a list of ints (token ids), not {type(prompt).__name__}; "
+                        "decode bytes to str first")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    sampling = gen_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop,
                                       stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
@@ -94,6 +101,36 @@ def generate_request(prompt: str | list[int], adapter: str = "", *, request_id: 
     else:
         req.prompt_token_ids.extend(prompt)
     return req
+
+
+class _TextJoiner:
+    """generate_text's result, for Client and AsyncClient alike: the streamed texts joined, and
+    the last message (finish reason, usage, adapter version)."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.last: gen_pb2.GenerateResponse | None = None
+
+    def add(self, msg: gen_pb2.GenerateResponse) -> None:
+        self.parts.append(msg.text)
+        self.last = msg
+
+    def result(self) -> tuple[str, gen_pb2.GenerateResponse]:
+        return "".join(self.parts), self.last
+
+
+# The AdapterCacheService requests, shared by Client and AsyncClient.
+
+def _list_cached_request() -> cache_pb2.ListCachedAdaptersRequest:
+    return cache_pb2.ListCachedAdaptersRequest()
+
+
+def _prefetch_request(name: str, tier: int) -> cache_pb2.PrefetchAdapterRequest:
+    return cache_pb2.PrefetchAdapterRequest(name=name, tier=tier)
+
+
+def _evict_request(name: str, tier: int) -> cache_pb2.EvictAdapterRequest:
+    return cache_pb2.EvictAdapterRequest(name=name, tier=tier)
 
 
 def _credentials(tls: bool, root_certificates: bytes | None, client_cert: tuple[bytes, bytes] | None):
@@ -232,10 +269,10 @@ class Client(_Stubs):
 
     def generate_text(self, prompt: str | list[int], adapter: str = "", **kw) -> tuple[str, gen_pb2.GenerateResponse]:
         """The whole text, and the last message (finish reason, usage, adapter version)."""
-        parts, last = [], None
-        for last in self.generate(prompt, adapter, **kw):
-            parts.append(last.text)
-        return "".join(parts), last
+        joined = _TextJoiner()
+        for msg in self.generate(prompt, adapter, **kw):
+            joined.add(msg)
+        return joined.result()
 
     @_raising
     def get_model_info(self) -> gen_pb2.GetModelInfoResponse:
@@ -243,15 +280,15 @@ class Client(_Stubs):
 
     @_raising
     def list_cached_adapters(self) -> cache_pb2.ListCachedAdaptersResponse:
-        return self.cache.ListCachedAdapters(cache_pb2.ListCachedAdaptersRequest(), **self._kw())
+        return self.cache.ListCachedAdapters(_list_cached_request(), **self._kw())
 
     @_raising
     def prefetch_adapter(self, name: str, tier: int = 0) -> cache_pb2.CachedAdapter:
-        return self.cache.PrefetchAdapter(cache_pb2.PrefetchAdapterRequest(name=name, tier=tier), **self._kw()).adapter
+        return self.cache.PrefetchAdapter(_prefetch_request(name, tier), **self._kw()).adapter
 
     @_raising
     def evict_adapter(self, name: str, tier: int = 0) -> None:
-        self.cache.EvictAdapter(cache_pb2.EvictAdapterRequest(name=name, tier=tier), **self._kw())
+        self.cache.EvictAdapter(_evict_request(name, tier), **self._kw())
 
 
 class AsyncClient(_Stubs):
@@ -345,3 +382,23 @@ class AsyncClient(_Stubs):
     @_raising
     async def get_model_info(self) -> gen_pb2.GetModelInfoResponse:
         return await self.generation.GetModelInfo(gen_pb2.GetModelInfoRequest(), **self._kw())
+
+    async def generate_text(self, prompt: str | list[int], adapter: str = "",
+                            **kw) -> tuple[str, gen_pb2.GenerateResponse]:
+        """The whole text, and the last message (finish reason, usage, adapter version)."""
+        joined = _TextJoiner()
+        async for msg in self.generate(prompt, adapter, **kw):
+            joined.add(msg)
+        return joined.result()
+
+    @_raising
+    async def list_cached_adapters(self) -> cache_pb2.ListCachedAdaptersResponse:
+        return await self.cache.ListCachedAdapters(_list_cached_request(), **self._kw())
+
+    @_raising
+    async def prefetch_adapter(self, name: str, tier: int = 0) -> cache_pb2.CachedAdapter:
+        return (await self.cache.PrefetchAdapter(_prefetch_request(name, tier), **self._kw())).adapter
+
+    @_raising
+    async def evict_adapter(self, name: str, tier: int = 0) -> None:
+        await self.cache.EvictAdapter(_evict_request(name, tier), **self._kw())
