@@ -14,12 +14,15 @@ from loraplane.client import Client
 from loraplane.v1 import adapter_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+ADMIN_TOKEN_ENV = "LORAPLANE_ADMIN_TOKEN"
 
 
 def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = DEFAULT_ADDRESS,
-                             address_env: str = "LORAPLANE_ADDRESS", *, again: bool = False) -> None:
+                             address_env: str = "LORAPLANE_ADDRESS", *, again: bool = False,
+                             token_help: str | None = None) -> None:
     """The flags every client command takes. again=True adds them a second time, to a subcommand,
-    with no defaults: given there they win, and left out they keep the parent command's values."""
+    with no defaults: given there they win, and left out they keep the parent command's values.
+    token_help replaces the --token help (for a command whose connect() reads no token env var)."""
 
     def default(value):
         return argparse.SUPPRESS if again else value
@@ -27,7 +30,7 @@ def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = 
     p.add_argument("--address", default=default(os.environ.get(address_env, default_address)),
                    help=f"server address (env {address_env}, default {default_address})")
     p.add_argument("--token", default=default(None),
-                   help="bearer token (or --token-file, or env LORAPLANE_ADMIN_TOKEN, in that order)")
+                   help=token_help or f"bearer token (or --token-file, or env {ADMIN_TOKEN_ENV}, in that order)")
     p.add_argument("--token-file", type=Path, default=default(None), help="file holding the bearer token")
     p.add_argument("--tls", action="store_true", default=default(False), help="use TLS (system roots unless --ca-cert)")
     p.add_argument("--ca-cert", type=Path, default=default(None), help="CA certificate to trust (PEM); implies --tls")
@@ -38,12 +41,13 @@ def add_connection_arguments(p: argparse.ArgumentParser, default_address: str = 
                    help="per-call deadline in seconds (register --wait has none: it waits for READY or the failure)")
 
 
-def connect(args) -> Client:
-    """A Client for the connection flags; ValueError (the CLI's exit 2) for flags that cannot work."""
+def connect(args, token_env: str | None = ADMIN_TOKEN_ENV) -> Client:
+    """A Client for the connection flags; ValueError (the CLI's exit 2) for flags that cannot work.
+    The token is --token, else --token-file, else env `token_env` (None: no env var is read)."""
     if bool(args.client_cert) != bool(args.client_key):
         raise ValueError("--client-cert and --client-key go together")
     try:
-        token = load_token(args.token, "LORAPLANE_ADMIN_TOKEN", args.token_file)
+        token = load_token(args.token, token_env, args.token_file)
         ca = args.ca_cert.read_bytes() if args.ca_cert else None
         pair = (args.client_key.read_bytes(), args.client_cert.read_bytes()) if args.client_cert else None
     except OSError as e:

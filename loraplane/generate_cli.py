@@ -10,13 +10,21 @@ from google.protobuf.json_format import MessageToDict
 from loraplane.admin_cli import add_connection_arguments, connect
 from loraplane.v1 import generation_service_pb2 as gen_pb2
 
+# SamplingParams.max_tokens when unset (generation_service.proto); the data plane applies it.
+API_DEFAULT_MAX_TOKENS = 16
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion from a data plane")
-    add_connection_arguments(p, default_address="127.0.0.1:50052", address_env="LORAPLANE_DATA_PLANE")
+    # GenerationService takes no token, so none is sent unless given here: the admin token
+    # (LORAPLANE_ADMIN_TOKEN) is the control plane's secret and never leaves for a data plane.
+    add_connection_arguments(p, default_address="127.0.0.1:50052", address_env="LORAPLANE_DATA_PLANE",
+                             token_help="bearer token to send (or --token-file); the data plane's GenerationService "
+                                        "needs none, so none is sent by default; env LORAPLANE_ADMIN_TOKEN is not read")
     p.add_argument("prompt", help="prompt text")
     p.add_argument("--adapter", default="", help="adapter name or name@version (default: the base model)")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate (default: the API's, {API_DEFAULT_MAX_TOKENS})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int, default=0)
@@ -28,7 +36,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    with connect(args) as client:
+    with connect(args, token_env=None) as client:
         stream = client.generate(args.prompt, args.adapter, max_tokens=args.max_tokens,
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                  stop=args.stop, ignore_eos=args.ignore_eos, timeout=args.timeout)
