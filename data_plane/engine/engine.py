@@ -17,6 +17,7 @@ LoRA slot. The adapter cache owns the mapping through `load_adapter(name, slot, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import uuid
@@ -102,16 +103,25 @@ class Engine:
             raise invalid_argument("adapter", "adapter must be a non-empty name, or None for the base model")
         if adapter is not None and self.loras is None:
             raise invalid_argument("adapter", "this engine has max_loras=0: LoRA adapters are disabled")
-        sampling.validate(self.spec.vocab_size)
-        if sampling.stop and self.tokenizer is None:
-            raise invalid_argument("stop", "stop strings need a tokenizer and this model has none; use stop_token_ids")
-        token_ids = self._prompt_token_ids(prompt)
+        token_ids = self.check_request(prompt, sampling)
         request = Request(request_id, token_ids, sampling, adapter, generator=self._generator(sampling.seed))
         detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer is not None else None
         self.outputs.track(request, detokenizer)
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
+
+    def check_request(self, prompt: str | list[int], sampling: SamplingParams) -> list[int]:
+        """The prompt's token ids once prompt and sampling are known to be valid (LoraplaneError if not).
+
+        It reads only what never changes after start (tokenizer, vocabulary, max_model_len), so any
+        thread may call it: the service does, to tokenize off the engine thread (a long prompt there
+        would hold every stream's next step) and to refuse a bad request before its adapter loads.
+        """
+        sampling.validate(self.spec.vocab_size)
+        if sampling.stop and self.tokenizer is None:
+            raise invalid_argument("stop", "stop strings need a tokenizer and this model has none; use stop_token_ids")
+        return self._prompt_token_ids(prompt)
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -135,13 +145,21 @@ class Engine:
         if len(token_ids) > self.config.max_model_len:
             raise LoraplaneError(R.ERROR_REASON_PROMPT_TOO_LONG,
                                  f"prompt is {len(token_ids)} tokens, max_model_len is {self.config.max_model_len}",
-                                 {"field": "prompt", "prompt_tokens": str(len(token_ids)),
+                                 {"field": "prompt" if isinstance(prompt, str) else "prompt_token_ids",
+                                  "prompt_tokens": str(len(token_ids)),
                                   "max_model_len": str(self.config.max_model_len)})
         return token_ids
 
     def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.config.torch_device)
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif generator.device.type == "cpu" and not 0 <= seed < 2**32:
+            # The CPU generator keeps a seed's low 32 bits only: 7 and 7 + 2**32 sampled alike.
+            # Seeds past 32 bits are hashed down instead (CUDA's generator takes all 64).
+            seed = int.from_bytes(hashlib.blake2b((seed % 2**64).to_bytes(8, "little"), digest_size=4).digest(),
+                                  "little")
+        generator.manual_seed(seed)
         return generator
 
     def abort(self, request_id: str) -> bool:

@@ -29,6 +29,11 @@ class FinishReason(str, enum.Enum):
 # Below this a temperature is greedy, as in vLLM: logits / 1e-45 overflow to inf, and the NaN
 # probabilities that follow make torch.multinomial raise inside the step, failing the whole batch.
 SAMPLING_EPS = 1e-5
+# Stop strings and ids are checked on the engine thread at every token of the request, and the
+# service takes requests from any client: bounded, so one request cannot slow every stream.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,11 @@ class SamplingParams:
             raise invalid_argument("seed", f"seed must be a 64-bit integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise invalid_argument("stop", "stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise invalid_argument("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most "
+                                           f"{MAX_STOP_STRING_CHARS} characters each")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise invalid_argument("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
         if not all(_is_int(t) and 0 <= t < vocab_size for t in self.stop_token_ids):
             raise invalid_argument("stop_token_ids", f"stop token ids must be in [0, {vocab_size})")
         if not isinstance(self.ignore_eos, bool):

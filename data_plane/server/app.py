@@ -28,6 +28,7 @@ from data_plane.server.generation_service import GenerationServicer
 from data_plane.server.heartbeat import heartbeat
 from data_plane.server.metrics import Metrics
 from loraplane.auth import BearerTokenInterceptor
+from loraplane.errors import LoraplaneError
 from loraplane.grpc_server import (
     GrpcServer,
     bounded_step,
@@ -42,6 +43,7 @@ from loraplane.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
+from loraplane.v1 import errors_pb2 as R
 
 logger = logging.getLogger(__name__)
 AFTER_DRAIN_S = 2.0  # grace for the other RPCs once no Generate stream is left
@@ -146,8 +148,17 @@ class DataPlane:
                 # Watch): they get a moment, not the rest of the grace period.
                 grace_s = min(AFTER_DRAIN_S, max(0.0, grace_s - (time.monotonic() - t0)))
             else:
-                logger.warning("grace period over with %d requests in flight; cancelling them",
+                logger.warning("grace period over with %d requests in flight; ending them",
                                self.generation.active)
+                # Ended by the service, with a reason a client can act on; grpc's own cancel at
+                # stop would give them UNAVAILABLE "Cancelling all calls" and no ErrorInfo.
+                error = LoraplaneError(R.ERROR_REASON_SERVER_NOT_READY,
+                                       "this replica stopped before the request finished (its grace period "
+                                       "ran out); retry on another")
+                if self.engine_loop:
+                    await bounded_step("ending in-flight streams",
+                                       self.engine_loop.acall(lambda _e: self.engine_loop.fail_streams(error)))
+                await self.generation.wait_drained(AFTER_DRAIN_S)
                 grace_s = 0.0
         if self.grpc:
             await self.grpc.drain(grace_s)

@@ -158,6 +158,12 @@ class EngineLoop:
             self._fail(request.request_id, error)
         self._publish_stats()
 
+    def fail_streams(self, error: LoraplaneError) -> None:
+        """Engine thread only: end every submitted request's stream with `error` (the replica stops)."""
+        for request_id in list(self._streams):
+            self._fail(request_id, error)
+        self._publish_stats()
+
     def _fail(self, request_id: str, error: LoraplaneError) -> None:
         """Abort a request and end its stream with `error` instead of an ABORT output."""
         self.engine.abort(request_id)

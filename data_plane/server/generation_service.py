@@ -88,8 +88,11 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                                                      "replica; give each request its own id")
             self._client_ids.add(rid)
             holds_id = True
-            prompt = prompt_from_proto(request)
             sampling = sampling_from_proto(request.sampling)
+            # Checked before the adapter is taken, so a bad request fetches and evicts nothing, and
+            # tokenized here, in a worker thread: a long text prompt on the engine thread would
+            # hold up every stream's next token while it tokenized.
+            prompt = await asyncio.to_thread(self.loop.engine.check_request, prompt_from_proto(request), sampling)
             if request.adapter:
                 lease = await self.cache.acquire(request.adapter)
             self.metrics.adapter_requests.labels(lease.name if lease else "").inc()

@@ -400,12 +400,17 @@ def generation_cases() -> list[Case]:
                     ("temperature", float("-inf")),
                     ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.5), ("top_p", float("nan")), ("top_p", float("inf")),
                     ("top_k", -1), ("top_k", -(2**31)),
-                    ("stop", [""]), ("stop_token_ids", [-1]), ("stop_token_ids", [320]), ("stop_token_ids", [2**31 - 1])]
+                    ("stop", [""]), ("stop_token_ids", [-1]), ("stop_token_ids", [320]), ("stop_token_ids", [2**31 - 1]),
+                    # Checked at every token on the engine thread: bounded (request.py's MAX_STOP_*).
+                    ("stop", ["é" * 257]), ("stop", ["s"] * 17), ("stop", ["s"] * 10_000),
+                    ("stop_token_ids", [1] * 257)]
     for key, value in sampling_bad:
-        cases.append(Case(G, m, f"sampling.{key}={value}", gen(sampling={key: value}), IA, INV))
+        label = f"{value[0][:4]}x{len(value[0])}x{len(value)}" if key == "stop" and value[0] else value
+        label = f"[1]x{len(value)}" if key == "stop_token_ids" and len(value) > 1 else label
+        cases.append(Case(G, m, f"sampling.{key}={label}", gen(sampling={key: value}), IA, INV))
     sampling_ok = [("max_tokens", 2**31 - 1), ("temperature", 1e30), ("temperature", 1e-45), ("top_p", 1e-30),
-                   ("top_k", 2**31 - 1), ("seed", -(2**63)), ("seed", 2**63 - 1), ("stop", ["🙂", "\x00", "é" * 1000]),
-                   ("stop", ["s"] * 10_000)]
+                   ("top_k", 2**31 - 1), ("seed", -(2**63)), ("seed", 2**63 - 1), ("stop", ["🙂", "\x00", "é" * 256]),
+                   ("stop", ["s"] * 16), ("stop_token_ids", [1] * 256)]
     for key, value in sampling_ok:
         label = f"{value[:1]}x{len(value)}" if isinstance(value, list) else value
         cases.append(Case(G, m, f"sampling.{key}={label}-ok", gen(sampling={key: value}), S.OK))

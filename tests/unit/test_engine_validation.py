@@ -38,7 +38,7 @@ def snapshot(engine):
 
 
 BAD_REQUESTS = {
-    "prompt too long": (dict(prompt=list(range(33))), "prompt", R.ERROR_REASON_PROMPT_TOO_LONG),
+    "prompt too long": (dict(prompt=list(range(33))), "prompt_token_ids", R.ERROR_REASON_PROMPT_TOO_LONG),
     "empty prompt": (dict(prompt=[]), "prompt", R.ERROR_REASON_INVALID_ARGUMENT),
     "token out of vocab": (dict(prompt=[1, 256]), "prompt_token_ids", R.ERROR_REASON_INVALID_ARGUMENT),
     "text without tokenizer": (dict(prompt="hello"), "prompt", R.ERROR_REASON_INVALID_ARGUMENT),
