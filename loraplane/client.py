@@ -260,7 +260,9 @@ class Client(_Stubs):
     def generate(self, prompt: str | list[int], adapter: str = "", *,
                  timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT,
                  **sampling) -> Iterator[gen_pb2.GenerateResponse]:
-        """Stream a generation; closing the iterator cancels the request on the server."""
+        """Stream a generation; closing the iterator cancels the request on the server. The timeout
+        (the client's, 60 s unless set) bounds the whole stream: give a long generation a longer one,
+        or None for no deadline."""
         call = self.generation.Generate(generate_request(prompt, adapter, **sampling), **self._kw(timeout))
         try:
             yield from call
@@ -372,6 +374,7 @@ class AsyncClient(_Stubs):
     async def generate(self, prompt: str | list[int], adapter: str = "", *,
                        timeout: float | None | _ClientTimeout = CLIENT_TIMEOUT,
                        **sampling) -> AsyncIterator[gen_pb2.GenerateResponse]:
+        """As Client.generate: the timeout bounds the whole stream."""
         call = self.generation.Generate(generate_request(prompt, adapter, **sampling), **self._kw(timeout))
         try:
             async for msg in call:
