@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LoraplaneError as e:
         print(f"error: {e}", file=sys.stderr)
-        if e.code == grpc.StatusCode.UNAUTHENTICATED:
+        if e.code == grpc.StatusCode.UNAUTHENTICATED and args.command == "generate":
+            print("hint: whatever fronts the data plane wants a token: give it with --token-file FILE or --token",
+                  file=sys.stderr)
+        elif e.code == grpc.StatusCode.UNAUTHENTICATED:
             print("hint: give the admin token with --token-file FILE, --token or env LORAPLANE_ADMIN_TOKEN; a "
                   "control plane started without one wrote it to DATA_DIR/admin-token", file=sys.stderr)
         return 2

@@ -94,3 +94,26 @@ def test_generate_help_shows_the_max_tokens_default(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     option = help_text[help_text.index("--max-tokens MAX_TOKENS "):]  # the option's line, not the usage's
     assert "default" in option[:120] and "16" in option[:120], option[:120]
+
+
+class _WantsToken(grpc.GenericRpcHandler):
+    """A gateway in front of a data plane that requires a bearer token it was not given."""
+
+    def service(self, details):
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token required")
+
+        return grpc.unary_stream_rpc_method_handler(refuse)
+
+
+def test_an_unauthenticated_generate_hints_at_its_own_token_flags(capsys):
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[_WantsToken()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert main(["generate", "--address", f"127.0.0.1:{port}", "hi"]) == 2
+    finally:
+        server.stop(0)
+    err = capsys.readouterr().err
+    # generate reads no token env var: the admin-token hint would send the user the wrong way.
+    assert "hint:" in err and "--token" in err and "LORAPLANE_ADMIN_TOKEN" not in err
