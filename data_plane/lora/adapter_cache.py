@@ -51,8 +51,10 @@ class AdapterCache:
         self.pinned: set[str] = set()            # names pinned in the registry
         self._inflight: dict[str, asyncio.Task] = {}
         self._retired: set[str] = set()          # replaced keys still held: dropped at their last release
-        # name -> how often the registry retired it: a resolve that a retire overtook (the adapter
-        # was deleted or replaced while its bytes were on the way) must not become the name's version.
+        # name -> acquires and downloads under way, and how often the registry retired the name
+        # meanwhile: what a retire overtook (deleted or replaced while its bytes were on the way)
+        # never becomes the name's version and leaves the tiers as a retired version does.
+        self._in_flight: dict[str, int] = {}
         self._retirements: dict[str, int] = {}
 
     def _hit(self, tier: str, hit: bool) -> None:
@@ -73,58 +75,78 @@ class AdapterCache:
     async def download(self, ref: str) -> Lease:
         """Put `ref` in the disk tier only (PrefetchAdapter tier=DISK); nothing is held afterwards."""
         name = parse_reference(ref, "adapter")[0]
-        retirements = self._retirements.get(name, 0)
-        name, version, resolved = await self._version(ref)
-        if version not in self.disk:
-            if not self.disk.enabled:
-                raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
-                                     "the disk tier is off on this replica (--disk-cache-bytes 0)", {"name": name})
-            data = await self.fetcher.fetch(name, version)
-            try:
-                await self._put_on_disk(version, data)
-            except OSError as e:
-                raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
-                                     f"the disk tier could not store {name!r}: {e.strerror}", {"name": name}) from None
-        self._record(name, version, resolved, retirements)
+        retirements = self._begin(name)
+        try:
+            name, version, resolved = await self._version(ref)
+            if version not in self.disk:
+                if not self.disk.enabled:
+                    raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                         "the disk tier is off on this replica (--disk-cache-bytes 0)",
+                                         {"name": name})
+                data = await self.fetcher.fetch(name, version)
+                try:
+                    await self._put_on_disk(version, data)
+                except OSError as e:
+                    raise LoraplaneError(R.ERROR_REASON_CAPACITY_EXHAUSTED,
+                                         f"the disk tier could not store {name!r}: {e.strerror}",
+                                         {"name": name}) from None
+            self._settle(name, version, resolved, retirements)
+        finally:
+            self._end(name)
         return Lease(name, version, adapter_key(name, version))
 
     async def acquire(self, ref: str) -> Lease:
         """Hold `ref` ("name" or "name@version") in the CPU tier for one request."""
         name = parse_reference(ref, "adapter")[0]
-        retirements = self._retirements.get(name, 0)
-        name, version, resolved = await self._version(ref)
-        key = adapter_key(name, version)
-        # One lookup per request: a hit if the CPU tier had it, one miss however long the load takes
-        # (a request that waits on another's in-flight load is still one miss, not one per retry).
-        hit = self.cpu.acquire(key)
-        self._hit("cpu", hit)
-        if not hit:
-            adapter = await self._load(name, version, key)
-            # While this request waited, a release may have evicted it again (the tier runs over
-            # budget while other entries are held): put it back and hold it in one step. Looping on
-            # acquire-then-load instead once spun without yielding (a finished load still listed as
-            # in flight), and the event loop froze with every stream on it.
-            for evicted in self.cpu.put(key, adapter, hold=True):
-                self._evicted("cpu", evicted)
-        self._record(name, version, resolved, retirements)
+        retirements = self._begin(name)
+        try:
+            name, version, resolved = await self._version(ref)
+            key = adapter_key(name, version)
+            # One lookup per request: a hit if the CPU tier had it, one miss however long the load
+            # takes (a request waiting on another's in-flight load is one miss, not one per retry).
+            hit = self.cpu.acquire(key)
+            self._hit("cpu", hit)
+            if not hit:
+                adapter = await self._load(name, version, key)
+                # While this request waited, a release may have evicted it again (the tier runs over
+                # budget while other entries are held): put it back and hold it in one step. Looping
+                # on acquire-then-load instead once spun without yielding (a finished load still
+                # listed as in flight), and the event loop froze with every stream on it.
+                for evicted in self.cpu.put(key, adapter, hold=True):
+                    self._evicted("cpu", evicted)
+            self._settle(name, version, resolved, retirements)
+        finally:
+            self._end(name)
         return Lease(name, version, key)
 
-    def _record(self, name: str, version: str, resolved: bool, retirements: int) -> None:
-        """Make `version` what plain `name` means here, if the control plane said so just now.
+    def _begin(self, name: str) -> int:
+        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        return self._retirements.get(name, 0)
 
-        Only a resolve: a name@version ref may name an old version, which plain-name requests must
-        never be sent to. And only if no retire came meanwhile: this request still runs on what it
-        resolved, but the next one asks again rather than serve weights the registry dropped.
-        """
-        if not resolved:
-            return
+    def _end(self, name: str) -> None:
+        left = self._in_flight.pop(name) - 1
+        if left:
+            self._in_flight[name] = left
+        else:
+            self._retirements.pop(name, None)
+
+    def _settle(self, name: str, version: str, resolved: bool, retirements: int) -> None:
+        """After a load: make `version` what plain `name` means here, if the control plane said so
+        just now (a name@version ref may name an old version, which plain-name requests must never
+        be sent to). If the registry retired the name meanwhile, the version is treated as retired
+        instead: this request still runs on it, then it leaves the CPU tier, and the disk now."""
+        key = adapter_key(name, version)
         if self._retirements.get(name, 0) != retirements:
-            logger.info("adapter %s was retired while %s loaded; the next request resolves it again",
-                        name, adapter_key(name, version))
+            logger.info("adapter %s was retired while %s loaded; it is dropped after this request", name, key)
+            if key in self.cpu:
+                self.evict_cpu(key)
+            if version not in self.versions.values():
+                self.disk.remove(version)
             return
-        self.versions[name] = version
-        # Deleted and registered again with the same weights: current again, so it stays cached.
-        self._retired.discard(adapter_key(name, version))
+        if resolved:
+            self.versions[name] = version
+            # Deleted and registered again with the same weights: current again, so it stays cached.
+            self._retired.discard(key)
 
     def release(self, lease: Lease) -> None:
         for key in self.cpu.release(lease.key):
@@ -182,7 +204,8 @@ class AdapterCache:
 
     def retire(self, name: str) -> str | None:
         """The registry deleted or replaced `name`: forget its version; returns the retired key."""
-        self._retirements[name] = self._retirements.get(name, 0) + 1
+        if name in self._in_flight:
+            self._retirements[name] = self._retirements.get(name, 0) + 1
         version = self.versions.pop(name, None)
         if version is None:
             return None

@@ -121,6 +121,12 @@ def test_a_version_retired_while_its_bytes_load_never_becomes_current(cp_factory
     # Before the fix the finished load made v1 what "x" means here, and it stayed a CPU hit.
     assert generate(dp, "x")[-1].adapter_version == v2
     assert cache.versions["x"] == v2
+    # And v1 leaves the tiers as a version retired the ordinary way does: nothing here serves it.
+    assert f"x@{v1}" not in cache.cached_keys() and v1 not in cache.disk and not cache._retired
+    with pytest.raises(LoraplaneError) as e:
+        generate(dp, f"x@{v1}")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert not cache._in_flight and not cache._retirements  # nothing kept about names no longer loading
 
 
 def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory, dp_factory, adapter_dirs,
