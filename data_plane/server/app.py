@@ -155,6 +155,7 @@ class DataPlane:
                 error = LoraplaneError(R.ERROR_REASON_SERVER_NOT_READY,
                                        "this replica stopped before the request finished (its grace period "
                                        "ran out); retry on another")
+                self.generation.stop_error = error
                 if self.engine_loop:
                     await bounded_step("ending in-flight streams",
                                        self.engine_loop.acall(lambda _e: self.engine_loop.fail_streams(error)))

@@ -49,6 +49,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self.max_queue = max_queue
         self.active = 0
         self.draining = False
+        # Set when the grace period ran out: a call still getting ready (tokenizing, fetching its
+        # adapter) ends with it rather than reach an engine that is stopping.
+        self.stop_error: LoraplaneError | None = None
         # Client request ids of the calls in flight: a second call with one of them is refused, as
         # its stream and aborts would otherwise be confused with the first call's.
         self._client_ids: set[str] = set()
@@ -95,6 +98,8 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             prompt = await asyncio.to_thread(self.loop.engine.check_request, prompt_from_proto(request), sampling)
             if request.adapter:
                 lease = await self.cache.acquire(request.adapter)
+            if self.stop_error is not None:
+                raise self.stop_error
             self.metrics.adapter_requests.labels(lease.name if lease else "").inc()
             submitted = True
             outputs = await self.loop.submit(prompt, sampling, lease.key if lease else None, engine_id)

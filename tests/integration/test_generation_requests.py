@@ -129,3 +129,41 @@ def test_streams_still_running_when_the_grace_period_ends_get_a_reason(cp_factor
     assert (error.code, error.reason_name) == (grpc.StatusCode.UNAVAILABLE, "SERVER_NOT_READY")
     assert "grace period" in error.message and 0 < seen["tokens"] < 100
 
+
+
+def test_a_call_that_gets_its_adapter_after_the_grace_period_gets_the_reason_too(cp_factory, dp_factory,
+                                                                                 good_adapter, monkeypatch):
+    cp = cp_factory()
+    with cp.client() as c:
+        c.create_adapter("x", str(good_adapter), wait=True)
+    dp = dp_factory(cp.address, grace_period_s=1.0)
+    cache, generation = dp.plane.cache, dp.plane.generation
+    check, entered, gate = cache.check, threading.Event(), threading.Event()
+
+    def held_check(adapter):  # the real check, once the grace period is over
+        entered.set()
+        gate.wait(30)
+        check(adapter)
+
+    monkeypatch.setattr(cache, "check", held_check)
+    seen = {}
+
+    def call():
+        try:
+            with dp.client(timeout=60) as c:
+                list(c.generate([1, 2, 3], "x", max_tokens=2))
+        except LoraplaneError as e:
+            seen["error"] = e
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert entered.wait(30)  # fetched, being parsed: not in the engine yet
+    stopper = threading.Thread(target=dp.stop)
+    stopper.start()
+    assert wait_for(lambda: generation.stop_error is not None)
+    gate.set()
+    caller.join(30)
+    stopper.join(60)
+    # Before the fix it went on to the stopping engine and got grpc's bare "Cancelling all calls".
+    error = seen["error"]
+    assert (error.code, error.reason_name) == (grpc.StatusCode.UNAVAILABLE, "SERVER_NOT_READY")
