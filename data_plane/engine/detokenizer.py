@@ -23,7 +23,12 @@ def load_tokenizer(path: str | Path):
         return None
     from transformers import AutoTokenizer  # noqa: PLC0415 - heavy, and only needed with a tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # The first encode turns off truncation or padding that tokenizer.json may enable, which mutates
+    # the Rust tokenizer; done now, before the service encodes from several threads at once, where
+    # it could fail with "Already borrowed".
+    tokenizer("")
+    return tokenizer
 
 
 class IncrementalDetokenizer:

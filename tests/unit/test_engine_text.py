@@ -92,6 +92,22 @@ def test_eos_stops_unless_ignored():
     assert processor.append_token(ignores, 7) is FinishReason.LENGTH
 
 
+def test_a_loaded_tokenizer_is_settled_before_threads_share_it(tmp_path):
+    import json
+
+    from data_plane.engine.detokenizer import load_tokenizer
+    from tests.unit.engine_helpers import TOKENIZER_VOCAB, save_test_tokenizer
+
+    save_test_tokenizer(tmp_path, TOKENIZER_VOCAB)
+    config = json.loads((tmp_path / "tokenizer.json").read_text())
+    config["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    # Already off: no encode from a worker thread has to change the Rust tokenizer (a mutable borrow).
+    assert tok._tokenizer.truncation is None and tok._tokenizer.padding is None
+    assert len(tok("hello world " * 20).input_ids) > 8
+
+
 class _CharTokenizer:
     """One character per token id: lets the hold-back logic be driven exactly."""
 
