@@ -172,8 +172,10 @@ def expand(
     # fp16 B: v rounded to fp16 overflows past 65504 where the fp32 result is finite (the scale
     # folded into B shrinks it), so the dot takes fp32 operands, on tf32 tensor cores on CUDA.
     dot_f32 = dot_in_fp32(y.device, b0.dtype) or b0.dtype == torch.float16
-    precision = "ieee" if b0.dtype == torch.float32 or y.device.type == "cpu" else (
-        "tf32" if dot_f32 else dot_precision(b0.dtype))
+    if b0.dtype == torch.float32 or y.device.type == "cpu" or (dot_f32 and not _has_tf32(y.device)):
+        precision = "ieee"  # fp16 before Ampere (V100, T4) has no tf32 tensor cores
+    else:
+        precision = "tf32" if dot_f32 else dot_precision(b0.dtype)
     table_strides = any(b.stride()[1:] != b0.stride()[1:] for b in b_stacks)
     b_vec = R % 8 == 0 and all(b.stride(2) == 1 and b.stride(1) % 8 == 0 for b in b_stacks)
     kernel = for_device(_expand_kernel, y.device)
@@ -190,3 +192,7 @@ def expand(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4,
     )
+
+
+def _has_tf32(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8

@@ -157,8 +157,10 @@ class DataPlane:
                                        "ran out); retry on another")
                 self.generation.stop_error = error
                 if self.engine_loop:
+                    # Briefly: an engine thread too busy to take this is often why streams overran.
                     await bounded_step("ending in-flight streams",
-                                       self.engine_loop.acall(lambda _e: self.engine_loop.fail_streams(error)))
+                                       self.engine_loop.acall(lambda _e: self.engine_loop.fail_streams(error)),
+                                       AFTER_DRAIN_S)
                 await self.generation.wait_drained(AFTER_DRAIN_S)
                 grace_s = 0.0
         if self.grpc:
