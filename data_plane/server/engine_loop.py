@@ -42,6 +42,14 @@ class EngineStats:
     prefix_cache_hits: int = 0      # of those, found cached (not recomputed)
 
 
+def _set_exception(future: concurrent.futures.Future, error: Exception) -> None:
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # settled meanwhile by another thread
+            pass
+
+
 def _deliver(items: list) -> None:
     for q, out in items:
         q.put_nowait(out)
@@ -56,6 +64,9 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
+        # Set when a failed step could not even be cleaned up: the thread is gone, and every call
+        # and stream gets this error at once instead of waiting for its deadline.
+        self.broken: LoraplaneError | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.steps = 0
         self._pending_evictions: set[str] = set()   # engine thread only
@@ -103,6 +114,8 @@ class EngineLoop:
         """Run fn(engine) in the engine thread between steps."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, future))
+        if self.broken is not None:  # after the put: a command queued as the thread broke is not lost
+            _set_exception(future, self.broken)
         return future
 
     async def acall(self, fn: Callable[[Engine], object]):
@@ -129,8 +142,29 @@ class EngineLoop:
                 self._iteration()
             except Exception:  # noqa: BLE001 - one bad batch must not take the replica down
                 logger.exception("engine step failed; failing its running requests and carrying on")
-                self._fail_running()
+                try:
+                    self._fail_running()
+                except Exception:  # noqa: BLE001 - the engine's state is beyond repair: stop cleanly
+                    logger.critical("the engine could not clean up after a failed step; this replica "
+                                    "fails every request until it is restarted", exc_info=True)
+                    self._break()
+                    return
         logger.info("engine loop stopped after %d steps", self.steps)
+
+    def _break(self) -> None:
+        """End every stream and pending call with ENGINE_FAILURE, without the engine."""
+        self.broken = LoraplaneError(R.ERROR_REASON_ENGINE_FAILURE,
+                                     "this replica's engine failed and cannot recover; retry on another replica")
+        streams, self._streams = self._streams, {}
+        for loop, q in streams.values():
+            loop.call_soon_threadsafe(q.put_nowait, self.broken)
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _set_exception(item[1], self.broken)
 
     def _iteration(self) -> None:
         busy = self.engine.has_unfinished()

@@ -113,6 +113,40 @@ def test_a_request_aborted_just_before_a_failed_step_still_gets_its_final_output
         loop.stop()
 
 
+def test_an_engine_that_cannot_clean_up_after_a_failed_step_fails_everything_at_once(setup):
+    model, _ = setup
+    engine = make_engine(model, max_loras=1)
+    loop = EngineLoop(engine, CpuCache(2, 1 << 30), SlotTable(1, 0))
+    loop.start()
+
+    def break_engine(engine):  # the step fails, and so does the abort that cleans up after it
+        def fault(*_args, **_kw):
+            raise RuntimeError("injected device fault")
+
+        engine.runner.run = fault
+        engine.abort = fault
+
+    async def scenario():
+        sampling = SamplingParams(max_tokens=1000, ignore_eos=True)
+        running = await loop.submit([1, 2, 3], sampling, None, "running")
+        await asyncio.wait_for(running.get(), 60)
+        await loop.acall(break_engine)
+        out = await asyncio.wait_for(running.get(), 60)
+        while not isinstance(out, LoraplaneError):  # tokens of the steps before the fault
+            out = await asyncio.wait_for(running.get(), 60)
+        # Before the fix the engine thread died with the exception: this call waited forever.
+        with pytest.raises(LoraplaneError) as later:
+            await asyncio.wait_for(loop.submit([4, 5], sampling, None, "later"), 10)
+        return out, later.value
+
+    try:
+        failed, later = asyncio.run(scenario())
+        assert failed.reason == later.reason == R.ERROR_REASON_ENGINE_FAILURE
+        assert loop.broken is later and not loop._streams
+    finally:
+        loop.stop()
+
+
 def test_build_and_start_builds_in_the_engine_thread_and_serves(setup):
     model, _ = setup
     built_in = []
