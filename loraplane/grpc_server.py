@@ -134,6 +134,11 @@ class GrpcServer:
         if serving:
             await self.health.set(STARTUP, SERVING)
 
+    async def set_broken(self) -> None:
+        """Not ready and not alive: what only a restart can mend (the kubelet's liveness probe)."""
+        await self.set_serving(False)
+        await self.health.set(LIVENESS, NOT_SERVING)
+
     async def start(self) -> None:
         await self.set_serving(False)
         await self.health.set(STARTUP, NOT_SERVING)

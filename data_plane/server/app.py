@@ -47,6 +47,7 @@ from loraplane.v1 import errors_pb2 as R
 
 logger = logging.getLogger(__name__)
 AFTER_DRAIN_S = 2.0  # grace for the other RPCs once no Generate stream is left
+ENGINE_WATCH_S = 1.0
 GENERATION_SERVICE = generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 CACHE_SERVICE = cache_service_pb2.DESCRIPTOR.services_by_name["AdapterCacheService"].full_name
 MAX_QUEUE_FACTOR = 8  # queued + running requests a replica accepts, per max_num_seqs
@@ -123,9 +124,18 @@ class DataPlane:
         if c.metrics_port is not None:
             self._metrics_server = self.metrics.serve(c.metrics_port, c.metrics_host)
         await self.grpc.set_serving(True)
+        self._tasks.append(asyncio.create_task(self._watch_engine()))
         logger.info("data plane %s serving %s on port %d (%s, max_loras=%d, control plane %s)", c.replica_id,
                     model_name, self.port, c.device, c.max_loras, c.control_plane)
         return self
+
+    async def _watch_engine(self) -> None:
+        """An engine thread that broke (EngineLoop.broken) fails readiness and liveness, so the pod
+        is restarted; its calls already fail fast with ENGINE_FAILURE."""
+        while self.engine_loop.broken is None:
+            await asyncio.sleep(ENGINE_WATCH_S)
+        logger.critical("the engine is broken: readiness and liveness are now NOT_SERVING")
+        await self.grpc.set_broken()
 
     async def stop(self) -> None:
         """Drain: refuse new requests, let in-flight streams finish within the grace period, then stop.

@@ -167,3 +167,31 @@ def test_a_call_that_gets_its_adapter_after_the_grace_period_gets_the_reason_too
     # Before the fix it went on to the stopping engine and got grpc's bare "Cancelling all calls".
     error = seen["error"]
     assert (error.code, error.reason_name) == (grpc.StatusCode.UNAVAILABLE, "SERVER_NOT_READY")
+
+
+def test_a_broken_engine_fails_calls_at_once_and_fails_liveness(cp_factory, dp_factory):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loraplane.grpc_server import LIVENESS, READINESS
+
+    dp = dp_factory(cp_factory().address)
+    engine = dp.plane.engine_loop.engine
+
+    def fault(*_args, **_kw):  # the step fails, and so does the abort that cleans up after it
+        raise RuntimeError("injected device fault")
+
+    dp.plane.engine_loop.call(lambda e: (setattr(e.runner, "run", fault), setattr(e, "abort", fault))).result(30)
+    for _ in range(2):  # the stream in the failed step, then one after: neither waits for its deadline
+        with dp.client(timeout=20) as c, pytest.raises(LoraplaneError) as e:
+            list(c.generate([1, 2, 3], max_tokens=4))
+        assert e.value.reason_name == "ENGINE_FAILURE"
+    assert engine.runner.run is fault
+    with grpc.insecure_channel(dp.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(name):
+            return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+        # Before the fix the engine thread died and the kubelet kept a replica that could serve nothing.
+        assert wait_for(lambda: status(LIVENESS) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert status(READINESS) == health_pb2.HealthCheckResponse.NOT_SERVING
