@@ -32,6 +32,14 @@ def generate(dp, adapter, max_tokens=2):
         return list(c.generate([1, 2, 3], adapter, max_tokens=max_tokens, ignore_eos=True))
 
 
+def serving_x(cp_factory, dp_factory, adapter_dir, **dp_settings):
+    """A control plane with adapter "x" READY from `adapter_dir`, and a data plane on it: (cp, dp, version)."""
+    cp = cp_factory()
+    with cp.client() as c:
+        version = c.create_adapter("x", str(adapter_dir), wait=True).version
+    return cp, dp_factory(cp.address, **dp_settings), version
+
+
 def test_an_adapter_above_max_lora_rank_fails_fast_and_blocks_no_one(cp_factory, dp_factory, adapter_dirs):
     cp = cp_factory()
     with cp.client() as c:
@@ -52,10 +60,7 @@ def test_an_adapter_above_max_lora_rank_fails_fast_and_blocks_no_one(cp_factory,
 
 
 def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_factory, dp_factory, adapter_dirs):
-    cp = cp_factory()
-    with cp.client() as c:
-        v1 = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
-    dp = dp_factory(cp.address)
+    cp, dp, v1 = serving_x(cp_factory, dp_factory, adapter_dirs["rank4"])
     cache, loop = dp.plane.cache, dp.plane.engine_loop
     versions = {}
 
@@ -93,10 +98,7 @@ def test_a_request_for_a_replaced_version_never_makes_plain_requests_stale(cp_fa
 
 def test_a_version_retired_while_its_bytes_load_never_becomes_current(cp_factory, dp_factory, adapter_dirs,
                                                                        monkeypatch):
-    cp = cp_factory()
-    with cp.client() as c:
-        v1 = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
-    dp = dp_factory(cp.address)
+    cp, dp, v1 = serving_x(cp_factory, dp_factory, adapter_dirs["rank4"])
     cache, watcher = dp.plane.cache, dp.plane.watcher
     check, entered, gate = cache.check, threading.Event(), threading.Event()
 
@@ -131,11 +133,8 @@ def test_a_version_retired_while_its_bytes_load_never_becomes_current(cp_factory
 
 def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory, dp_factory, adapter_dirs,
                                                                       tmp_path):
-    cp = cp_factory()
-    with cp.client() as c:
-        c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True)
     disk = tmp_path / "lost-volume"
-    dp = dp_factory(cp.address, disk_cache_dir=disk)
+    _, dp, _ = serving_x(cp_factory, dp_factory, adapter_dirs["rank4"], disk_cache_dir=disk)
     disk.rmdir()
     disk.write_bytes(b"")  # the tier's directory is gone: every write into it fails (ENOTDIR)
     for _ in range(2):  # fetched and served from memory, then a CPU hit
@@ -146,10 +145,7 @@ def test_a_disk_tier_that_cannot_be_written_still_serves_from_memory(cp_factory,
 
 
 def test_a_name_registered_again_with_the_same_weights_stays_cached(cp_factory, dp_factory, adapter_dirs):
-    cp = cp_factory()
-    with cp.client() as c:
-        version = c.create_adapter("x", str(adapter_dirs["rank4"]), wait=True).version
-    dp = dp_factory(cp.address)
+    cp, dp, version = serving_x(cp_factory, dp_factory, adapter_dirs["rank4"])
     cache, loop = dp.plane.cache, dp.plane.engine_loop
     key = f"x@{version}"
     threads = []
