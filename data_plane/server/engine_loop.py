@@ -113,8 +113,9 @@ class EngineLoop:
     def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
         """Run fn(engine) in the engine thread between steps."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, future))
-        if self.broken is not None:  # after the put: a command queued as the thread broke is not lost
+        if self.broken is None:  # nothing reads the queue once it is set
+            self._commands.put((fn, future))
+        if self.broken is not None:  # checked again: a command queued as the thread broke is not lost
             _set_exception(future, self.broken)
         return future
 
