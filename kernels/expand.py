@@ -14,6 +14,7 @@ there because it is also the CPU path, which must import without Triton.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -195,4 +196,10 @@ def expand(
 
 
 def _has_tf32(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cuda" and _cuda_major(device.index if device.index is not None
+                                                 else torch.cuda.current_device()) >= 8
+
+
+@functools.cache
+def _cuda_major(index: int) -> int:  # once per device, not per launch
+    return torch.cuda.get_device_capability(index)[0]
